@@ -1,0 +1,174 @@
+"""Gate activations and the spatial gate that decides, per pixel, whether a head path runs.
+
+A gate value of exactly 0 switches the path off at that pixel: the sparse execution mode does not
+compute it there. GeReTanH (and ReTanH, its tau = 0 case) produce exact zeros; the Sigmoid and
+Softmax gates of the paper's ablation never do, so with them every pixel stays active.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["GeReTanH", "SigmoidGate", "SoftmaxGate", "SpatialGate", "build_gate_activation", "GATE_ACTIVATIONS"]
+
+
+class GeReTanH(nn.Module):
+    """Generalised restricted tanh, Eq. 3 of the paper, applied elementwise.
+
+    ``g = max(0, (tanh(x - tau) + tanh(tau)) / (1 + tanh(tau)))``; ``tau = 0`` is ReTanH,
+    ``max(0, tanh(x))``. The output lies in [0, 1) and is exactly 0 for ``x <= 0``.
+    """
+
+    def __init__(self, tau: float = 1.5) -> None:
+        super().__init__()
+        if tau < 0:
+            raise ValueError(f"tau must be >= 0, got {tau}")
+        self.tau = float(tau)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = math.tanh(self.tau)
+        return ((torch.tanh(x - self.tau) + t) / (1.0 + t)).clamp_min(0.0)
+
+    def init_bias(self, value: float) -> float:
+        """The pre-activation ``x`` for which the gate equals ``value`` (0 < value < 1)."""
+        _check_gate_value(value)
+        return 0.5 * math.log((1.0 + value * math.exp(2.0 * self.tau)) / (1.0 - value))
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}"
+
+
+class SigmoidGate(nn.Module):
+    """``g = sigmoid(x)``: a soft gate for the ablation; it is never exactly zero."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x)
+
+    def init_bias(self, value: float) -> float:
+        # The reference implementation writes 0.5 * logit(value) for its sigmoid gates; the paper's
+        # ablation inherits that initial value, so keep it.
+        _check_gate_value(value)
+        return 0.5 * math.log(value / (1.0 - value))
+
+
+class SoftmaxGate(nn.Module):
+    """Softmax over the gate groups and an implicit "off" logit fixed at 0, applied along dim 1.
+
+    With ``G`` gate channels ``x_1..x_G`` the gate of group ``i`` is
+    ``exp(x_i) / (1 + sum_j exp(x_j))``: the groups compete for the pixel, and the off logit lets all
+    of them fall towards 0 together. With one group it equals ``sigmoid(x)``. Never exactly zero.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        off = torch.zeros_like(x[:, :1])
+        return torch.softmax(torch.cat([x, off], dim=1), dim=1)[:, :-1]
+
+    def init_bias(self, value: float, num_groups: int = 1) -> float:
+        _check_gate_value(value)
+        if value * num_groups >= 1.0:
+            raise ValueError(f"a softmax gate over {num_groups} groups cannot start at {value} in every group")
+        return math.log(value / (1.0 - num_groups * value))
+
+
+GATE_ACTIVATIONS = ("geretanh", "retanh", "sigmoid", "softmax")
+
+
+def build_gate_activation(name: str, tau: float = 1.5) -> nn.Module:
+    """Gate activation by name: ``geretanh`` (uses ``tau``), ``retanh``, ``sigmoid`` or ``softmax``."""
+    key = name.lower()
+    if key == "geretanh":
+        return GeReTanH(tau)
+    if key == "retanh":
+        return GeReTanH(0.0)
+    if key == "sigmoid":
+        return SigmoidGate()
+    if key == "softmax":
+        return SoftmaxGate()
+    raise ValueError(f"gate_activation must be one of {GATE_ACTIVATIONS}, got {name!r}")
+
+
+def _check_gate_value(value: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"initial gate value must lie in (0, 1), got {value}")
+
+
+class SpatialGate(nn.Module):
+    """Per-pixel gate: a 3×3 convolution from ``channels`` to ``num_groups`` maps and an activation.
+
+    Args:
+        channels: input channels ``C``.
+        num_groups: gate maps; each gates ``C // num_groups`` consecutive channels of its path.
+        ndim: spatial dimensions (2 for (N, C, H, W) maps, 3 for (N, C, D, H, W) volumes).
+        activation: a gate activation module, or a name for :func:`build_gate_activation`.
+        tau: temperature shift of GeReTanH when ``activation`` is a name.
+        init_value: the gate's value at initialisation (the conv weight starts near 0, its bias is
+            set so the activation returns this value).
+        coarse: if True, average the gate logits over all pixels of each image before the
+            activation (the paper's coarse-grained variant): one gate value per image and group.
+
+    ``forward(x)`` maps (N, C, *spatial) to gates (N, num_groups, *spatial), or (N, num_groups,
+    1, ...) when ``coarse``. The conv is an ordinary ``torch.nn.Conv2d``/``Conv3d`` at ``.conv``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_groups: int = 1,
+        ndim: int = 2,
+        activation: nn.Module | str = "geretanh",
+        tau: float = 1.5,
+        init_value: float = 0.99,
+        coarse: bool = False,
+    ) -> None:
+        super().__init__()
+        if ndim not in (2, 3):
+            raise ValueError(f"ndim must be 2 or 3, got {ndim}")
+        if num_groups < 1 or channels % num_groups:
+            raise ValueError(f"num_groups must divide channels ({channels}), got {num_groups}")
+        self.ndim = ndim
+        self.channels = channels
+        self.num_groups = num_groups
+        self.coarse = coarse
+        conv_cls = nn.Conv2d if ndim == 2 else nn.Conv3d
+        self.conv = conv_cls(channels, num_groups, kernel_size=3, padding=1)
+        self.activation = build_gate_activation(activation, tau) if isinstance(activation, str) else activation
+        nn.init.normal_(self.conv.weight, std=0.01)
+        if isinstance(self.activation, SoftmaxGate):
+            bias = self.activation.init_bias(init_value, num_groups)
+        else:
+            bias = self.activation.init_bias(init_value)
+        nn.init.constant_(self.conv.bias, bias)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-activation gate logits, (N, num_groups, *spatial)."""
+        out = self.conv(x)
+        if self.coarse:
+            out = out.mean(dim=tuple(range(2, out.dim())), keepdim=True)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.logits(x))
+
+    def macs_per_pixel(self) -> int:
+        """Multiply-accumulates of the gate conv at one pixel."""
+        return self.channels * self.num_groups * 3**self.ndim
+
+
+def gate_mask(gate: torch.Tensor) -> torch.Tensor:
+    """Pixels where any group of ``gate`` (N, G, *spatial) is positive, as (N, 1, *spatial) bool."""
+    return (gate > 0).any(dim=1, keepdim=True)
+
+
+def expand_gate(gate: torch.Tensor, channels: int) -> torch.Tensor:
+    """Repeat each of the G gate maps over its ``channels // G`` channels along dim 1."""
+    groups = gate.shape[1]
+    return gate if groups == 1 else gate.repeat_interleave(channels // groups, dim=1)
+
+
+def pool_gate(gate: torch.Tensor) -> torch.Tensor:
+    """3×3 max-pool (stride 1, padding 1) of gates (N, G, *spatial): the receptive-field rule."""
+    pool = F.max_pool2d if gate.dim() == 4 else F.max_pool3d
+    return pool(gate, kernel_size=3, stride=1, padding=1)

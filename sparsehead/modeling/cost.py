@@ -1,0 +1,70 @@
+"""Per-image compute cost of the gated head paths, and the budget loss built on it (Eq. 4–6).
+
+Every module that does counted work (a router, a dense prediction conv) sets ``self.last_cost`` to a
+:class:`Cost` in each forward, replacing the previous one; reading it changes nothing. After a
+forward, :func:`collect_cost` sums them over a model.
+
+For a gated path with per-pixel cost ``c`` (MACs of its convs and norms at one pixel) and gate ``g``:
+soft cost ``sum(g * c)``, realised cost ``sum(1[g > 0] * c)``, full cost ``sum(c)`` over the pixels of
+each image; the conv of a two-conv stack that feeds a 3×3 conv uses the 3×3 max-pooled gate. Gate
+convs and ungated convs count with ``g = 1``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["Cost", "collect_cost", "dense_cost"]
+
+
+@dataclass
+class Cost:
+    """Soft, realised and full MACs per image, each a tensor of shape (N,)."""
+
+    soft: torch.Tensor
+    realized: torch.Tensor
+    full: torch.Tensor
+
+    @staticmethod
+    def zeros(batch_size: int, device: torch.device | str | None = None) -> Cost:
+        z = torch.zeros(batch_size, device=device)
+        return Cost(z, z.clone(), z.clone())
+
+    def __add__(self, other: Cost) -> Cost:
+        if self.soft.shape != other.soft.shape:
+            raise ValueError(f"cannot add costs of batch sizes {self.soft.shape[0]} and {other.soft.shape[0]}")
+        return Cost(self.soft + other.soft, self.realized + other.realized, self.full + other.full)
+
+    @property
+    def ratio(self) -> torch.Tensor:
+        """Realised / full cost per image, (N,)."""
+        return self.realized / self.full.clamp_min(1.0)
+
+    def budget_loss(self, lam: float) -> torch.Tensor:
+        """``lam * mean_n(soft_n / full_n)``: the resource budget loss (a scalar)."""
+        return lam * (self.soft / self.full.clamp_min(1.0)).mean()
+
+
+def collect_cost(module: nn.Module) -> Cost:
+    """Sum the ``last_cost`` of ``module`` and its submodules after a forward.
+
+    Raises:
+        RuntimeError: if no submodule has recorded a cost (the module has not run yet, or does no
+            counted work).
+    """
+    costs = [m.last_cost for m in module.modules() if getattr(m, "last_cost", None) is not None]
+    if not costs:
+        raise RuntimeError(f"{type(module).__name__} has recorded no cost: run a forward pass first")
+    total = costs[0]
+    for cost in costs[1:]:
+        total = total + cost
+    return total
+
+
+def dense_cost(features: list[torch.Tensor] | tuple[torch.Tensor, ...], macs_per_pixel: int) -> Cost:
+    """Cost of ungated work of ``macs_per_pixel`` at every pixel of every level (N, C, *spatial)."""
+    pixels = sum(x[0, 0].numel() for x in features)
+    full = torch.full((features[0].shape[0],), float(pixels * macs_per_pixel), device=features[0].device)
+    return Cost(full, full.clone(), full.clone())

@@ -1,0 +1,309 @@
+"""One router of the fine-grained dynamic head: gated scale paths, node sum and gated depth path.
+
+For pyramid level ``l`` with input ``x_l`` (all levels share the router's weights):
+
+1. Scale paths. The "down" unit runs on the finer level ``l-1``: ``u = g ⊙ GN(dwconv(x_{l-1}))`` with its
+   own gate ``g`` computed from ``x_{l-1}``; ``u`` is downsampled to level ``l``. The "up" unit runs on
+   the coarser level ``l+1`` and is upsampled. Missing neighbours are skipped.
+2. Node sum ``s_l = scale_weight · Σ resampled units + output_weight · x_l``.
+3. Depth path ``relu(g_d ⊙ GN(conv2(relu(GN(conv1(s_l))))) + s_l)`` with ``g_d`` computed from ``s_l``.
+
+Where a path runs: a unit at the pixels where its gate is positive (any group); the depth path's conv2 at
+``D = {g_d > 0}`` and conv1 at ``dilate(D)`` (its 3^ndim receptive field), reading ``s_l`` on
+``dilate(dilate(D))``. Each GroupNorm takes its statistics over the pixels its conv runs at (see
+:mod:`sparsehead.layers.norm`); resampling is defined in :mod:`sparsehead.layers.resample`.
+
+Execution modes, one set of weights:
+
+- ``dense``: every conv on the full maps, outputs multiplied by the gates (the reference).
+- ``sparse``: the gates are computed on the full maps (they are what decides), every gated path runs
+  only where it is active: the depth path as spconv submanifold convs sharing one rulebook, the scale
+  units as depthwise convs on gathered rows, resampled row-wise and added into the dense node sum.
+  Maps are kept channels-last so gathering and scattering rows needs no layout copy.
+- ``auto``: per level and path, ``sparse`` when the path's active fraction is at most
+  ``auto_threshold``, else ``dense``.
+
+All three compute the same function (forward and backward) up to float rounding.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import spconv.pytorch as spconv
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers.gates import SpatialGate, expand_gate, gate_mask, pool_gate
+from ..layers.norm import MaskedGroupNorm
+from ..layers.resample import downsample, downsample_rows, upsample, upsample_rows
+from ..layers.sparse import (
+    SubMConv,
+    channels_last,
+    depthwise_conv_rows,
+    dilate,
+    flat_index,
+    from_rows,
+    mask_indices,
+    to_rows,
+)
+from .cost import Cost
+
+__all__ = ["Router", "DepthPath", "ScaleUnit", "EXECUTION_MODES"]
+
+EXECUTION_MODES = ("dense", "sparse", "auto")
+
+
+def check_execution(mode: str) -> str:
+    if mode not in EXECUTION_MODES:
+        raise ValueError(f"execution must be one of {EXECUTION_MODES}, got {mode!r}")
+    return mode
+
+
+def _conv_nd(ndim: int):
+    return F.conv2d if ndim == 2 else F.conv3d
+
+
+def _full_gate(x: torch.Tensor, gate: SpatialGate | None) -> torch.Tensor:
+    """Gate values (N, G, *spatial) for input ``x``; ones when the path is not gated."""
+    if gate is None:
+        return x.new_ones((x.shape[0], 1) + tuple(x.shape[2:]))
+    g = gate(x)
+    return g.expand(-1, -1, *x.shape[2:]) if gate.coarse else g
+
+
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    """Active pixels per image of a bool mask (N, 1, *spatial), as float (N,)."""
+    return mask.flatten(1).sum(dim=1).to(torch.float32)
+
+
+def _path_cost(
+    gates: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], unit_costs: Sequence[int]
+) -> Cost:
+    """Cost of a path of convs, the i-th running where ``masks[i]`` is set, soft-weighted by ``gates[i]``."""
+    soft = realized = full = 0.0
+    for g, m, c in zip(gates, masks, unit_costs):
+        soft = soft + g.mean(dim=1).flatten(1).sum(dim=1).float() * c
+        realized = realized + _count(m) * c
+        full = full + float(m[0].numel()) * c
+    full = torch.full_like(realized, full)
+    return Cost(soft, realized, full)
+
+
+class ScaleUnit(nn.Module):
+    """Gated depthwise 3^ndim conv + GroupNorm run at a source level (one per neighbour direction).
+
+    ``forward`` is not used: :class:`Router` calls :meth:`dense` or :meth:`sparse`.
+    """
+
+    def __init__(
+        self, channels: int, ndim: int, gn_groups: int, gate: SpatialGate | None
+    ) -> None:
+        super().__init__()
+        conv_cls = nn.Conv2d if ndim == 2 else nn.Conv3d
+        self.ndim = ndim
+        self.conv = conv_cls(channels, channels, 3, padding=1, groups=channels, bias=False)
+        self.norm = MaskedGroupNorm(gn_groups, channels)
+        self.gate = gate
+        nn.init.normal_(self.conv.weight, std=0.01)
+
+    def macs_per_pixel(self) -> int:
+        return self.conv.in_channels * 3**self.ndim + self.norm.macs_per_pixel()
+
+    def gate_and_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = _full_gate(x, self.gate)
+        return g, gate_mask(g)
+
+    def dense(self, x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Gated unit output on the full map (N, C, *spatial); zero where the gate is zero."""
+        y = _conv_nd(self.ndim)(x, self.conv.weight, padding=1, groups=x.shape[1])
+        return self.norm.forward_dense(y, mask) * expand_gate(g, x.shape[1])
+
+    def sparse(
+        self, x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gated unit output at the active pixels only: ``(indices (R, 1+ndim), rows (R, C))``."""
+        n, c, *size = x.shape
+        idx = mask_indices(mask)
+        if idx.shape[0] == 0:
+            return idx, x.new_zeros(0, c)
+        flat = flat_index(idx, size)
+        y = depthwise_conv_rows(to_rows(x), idx, size, self.conv.weight)
+        y = self.norm.forward_rows(y, idx[:, 0].long(), n)
+        return idx, y * expand_gate(to_rows(g).index_select(0, flat), c)
+
+
+class DepthPath(nn.Module):
+    """Gated residual bottleneck of two 3^ndim convs with GroupNorm (the router's depth path).
+
+    The convs are spconv submanifold convs (weights (C, *kernel, C)); the dense mode runs them with
+    torch's conv on the same weights.
+    """
+
+    def __init__(
+        self, channels: int, ndim: int, gn_groups: int, gate: SpatialGate | None, indice_key: str
+    ) -> None:
+        super().__init__()
+        self.ndim = ndim
+        self.conv1 = SubMConv(ndim, channels, channels, 3, indice_key=indice_key)
+        self.norm1 = MaskedGroupNorm(gn_groups, channels)
+        self.conv2 = SubMConv(ndim, channels, channels, 3, indice_key=indice_key)
+        self.norm2 = MaskedGroupNorm(gn_groups, channels)
+        self.gate = gate
+        for conv in (self.conv1, self.conv2):
+            nn.init.normal_(conv.weight, std=0.01)
+
+    def unit_costs(self) -> tuple[int, int]:
+        """MACs per pixel of (conv1 + norm1, conv2 + norm2)."""
+        return (
+            self.conv1.macs_per_pixel() + self.norm1.macs_per_pixel(),
+            self.conv2.macs_per_pixel() + self.norm2.macs_per_pixel(),
+        )
+
+    def gate_and_masks(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gate (N, G, *spatial), conv2 pixels ``D`` and conv1 pixels ``dilate(D)`` (N, 1, *spatial)."""
+        g = _full_gate(s, self.gate)
+        inner = gate_mask(g)
+        return g, inner, dilate(inner)
+
+    def dense(self, s: torch.Tensor, g: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor) -> torch.Tensor:
+        conv = _conv_nd(self.ndim)
+        h = conv(s, self.conv1.dense_weight(), padding=1)
+        h = F.relu(self.norm1.forward_dense(h, outer)) * outer
+        h = conv(h, self.conv2.dense_weight(), padding=1)
+        h = self.norm2.forward_dense(h, inner)
+        return F.relu(s + expand_gate(g, s.shape[1]) * h)
+
+    def sparse(self, s: torch.Tensor, g: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor) -> torch.Tensor:
+        n, c, *size = s.shape
+        s = channels_last(s)
+        idx = mask_indices(dilate(outer))
+        if idx.shape[0] == 0:
+            return F.relu(s)
+        rows = to_rows(s)
+        flat = flat_index(idx, size)
+        batch = idx[:, 0].long()
+        in_outer = outer.reshape(-1).index_select(0, flat)
+        in_inner = inner.reshape(-1).index_select(0, flat)
+        x = spconv.SparseConvTensor(rows.index_select(0, flat), idx, size, n)
+        h = self.conv1(x)  # submanifold: rows stay aligned with idx
+        h1 = F.relu(self.norm1.forward_rows(h.features, batch, n, in_outer)) * in_outer[:, None]
+        h = self.conv2(h.replace_feature(h1))  # same indice_key: the rulebook is reused
+        h2 = self.norm2.forward_rows(h.features, batch, n, in_inner)
+        keep = in_inner.nonzero()[:, 0]
+        gate_rows = expand_gate(to_rows(g).index_select(0, flat.index_select(0, keep)), c)
+        out = rows.index_add(0, flat.index_select(0, keep), h2.index_select(0, keep) * gate_rows)
+        return F.relu(from_rows(out, s.shape))
+
+
+class Router(nn.Module):
+    """One router applied to every level of a pyramid, with weights shared across levels.
+
+    Args:
+        channels: feature channels ``C`` of every level.
+        ndim: spatial dimensions (2 or 3).
+        gated: False builds the paper's "Fixed" router (same paths, no gates, always computed).
+        tau, gate_activation, gate_init, gate_groups, coarse_gate: passed to every :class:`SpatialGate`.
+        gn_groups: GroupNorm groups.
+        execution: ``dense``, ``sparse`` or ``auto``.
+        auto_threshold: in ``auto``, a path runs sparse when its active fraction is at most this.
+        name: a unique prefix for this router's spconv rulebook key.
+
+    ``forward(features)`` takes a list of (N, C, *spatial_l) maps, finest first, and returns the list of
+    outputs with the same shapes; it sets ``last_cost`` (see :mod:`sparsehead.modeling.cost`).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        ndim: int = 2,
+        gated: bool = True,
+        tau: float = 1.5,
+        gate_activation: str = "geretanh",
+        gate_init: float = 0.99,
+        gate_groups: int = 1,
+        coarse_gate: bool = False,
+        gn_groups: int = 32,
+        execution: str = "sparse",
+        auto_threshold: float = 0.5,
+        name: str = "router",
+    ) -> None:
+        super().__init__()
+        if channels % gn_groups:
+            raise ValueError(f"gn_groups ({gn_groups}) must divide channels ({channels})")
+
+        def make_gate() -> SpatialGate | None:
+            if not gated:
+                return None
+            return SpatialGate(channels, gate_groups, ndim, gate_activation, tau, gate_init, coarse_gate)
+
+        self.channels = channels
+        self.ndim = ndim
+        self.gated = gated
+        self.execution = check_execution(execution)
+        self.auto_threshold = auto_threshold
+        self.down = ScaleUnit(channels, ndim, gn_groups, make_gate())
+        self.up = ScaleUnit(channels, ndim, gn_groups, make_gate())
+        self.depth = DepthPath(channels, ndim, gn_groups, make_gate(), indice_key=f"{name}.depth")
+        self.scale_weight = nn.Parameter(torch.zeros(()))
+        self.output_weight = nn.Parameter(torch.ones(()))
+        self.last_cost: Cost | None = None
+
+    def _sparse_here(self, mask: torch.Tensor) -> bool:
+        if self.execution == "auto":
+            return bool(mask.float().mean() <= self.auto_threshold)
+        return self.execution == "sparse"
+
+    def _gate_cost(self, gates: Sequence[SpatialGate | None], pixels: int, batch: int, device) -> Cost:
+        macs = sum(g.macs_per_pixel() for g in gates if g is not None) * pixels
+        full = torch.full((batch,), float(macs), device=device)
+        return Cost(full, full.clone(), full.clone())
+
+    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        levels = len(features)
+        n = features[0].shape[0]
+        device = features[0].device
+        cost = Cost.zeros(n, device)
+        if self.execution != "dense":
+            features = [channels_last(x) for x in features]
+
+        # Scale units at their source levels; each returns dense maps or (indices, rows) contributions.
+        dense_in: list[list[torch.Tensor]] = [[] for _ in range(levels)]
+        rows_in: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(levels)]
+        for src, x in enumerate(features):
+            for unit, dst in ((self.down, src + 1), (self.up, src - 1)):
+                if not 0 <= dst < levels:
+                    continue
+                g, mask = unit.gate_and_mask(x)
+                cost = cost + _path_cost([g], [mask], [unit.macs_per_pixel()])
+                cost = cost + self._gate_cost([unit.gate], mask[0].numel(), n, device)
+                dst_size = tuple(features[dst].shape[2:])
+                if self._sparse_here(mask):
+                    idx, rows = unit.sparse(x, g, mask)
+                    if idx.shape[0]:
+                        if dst > src:
+                            rows_in[dst].append(downsample_rows(idx, rows))
+                        else:
+                            rows_in[dst].append(upsample_rows(idx, rows, dst_size))
+                else:
+                    u = unit.dense(x, g, mask)
+                    dense_in[dst].append(downsample(u) if dst > src else upsample(u, dst_size))
+
+        outputs = []
+        for lvl, x in enumerate(features):
+            s = self.output_weight * x
+            for u in dense_in[lvl]:
+                s = s + self.scale_weight * u
+            if rows_in[lvl]:
+                idx = torch.cat([i for i, _ in rows_in[lvl]])
+                rows = torch.cat([r for _, r in rows_in[lvl]]) * self.scale_weight
+                s = from_rows(to_rows(channels_last(s)).index_add(0, flat_index(idx, x.shape[2:]), rows), s.shape)
+            g, inner, outer = self.depth.gate_and_masks(s)
+            cost = cost + _path_cost([pool_gate(g), g], [outer, inner], self.depth.unit_costs())
+            cost = cost + self._gate_cost([self.depth.gate], inner[0].numel(), n, device)
+            if self._sparse_here(outer):
+                outputs.append(self.depth.sparse(s, g, inner, outer))
+            else:
+                outputs.append(self.depth.dense(s, g, inner, outer))
+        self.last_cost = cost
+        return outputs

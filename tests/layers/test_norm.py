@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from sparsehead.layers.norm import MaskedGroupNorm
+from sparsehead.layers.sparse import channels_last, flat_index, mask_indices, to_rows
+
+
+def test_full_mask_equals_torch_group_norm():
+    x = torch.randn(2, 8, 5, 6)
+    norm = MaskedGroupNorm(4, 8)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    ref = torch.nn.functional.group_norm(x, 4, norm.weight, norm.bias, eps=norm.eps)
+    mask = torch.ones(2, 1, 5, 6, dtype=torch.bool)
+    assert torch.allclose(norm.forward_dense(x, mask), ref, atol=1e-5)
+
+
+def test_statistics_cover_only_masked_pixels():
+    x = torch.randn(1, 4, 6, 6)
+    mask = torch.zeros(1, 1, 6, 6, dtype=torch.bool)
+    mask[..., :3, :] = True
+    norm = MaskedGroupNorm(2, 4)
+    out = norm.forward_dense(x, mask)
+    # Changing the unmasked pixels must not change the masked outputs.
+    x2 = x.clone()
+    x2[..., 3:, :] = 100.0
+    out2 = norm.forward_dense(x2, mask)
+    assert torch.allclose(out[..., :3, :], out2[..., :3, :])
+    # Each group of masked outputs has zero mean and unit variance.
+    masked = out[0, :, :3, :].reshape(2, -1)
+    assert torch.allclose(masked.mean(dim=1), torch.zeros(2), atol=1e-5)
+    assert torch.allclose(masked.var(dim=1, unbiased=False), torch.ones(2), atol=1e-3)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_rows_match_dense(density):
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 7, 5)
+    mask = torch.rand(3, 1, 7, 5) < density
+    mask[1] = False  # an image with nothing active
+    norm = MaskedGroupNorm(4, 8)
+    torch.nn.init.normal_(norm.weight)
+    dense = norm.forward_dense(x, mask)
+    idx = mask_indices(mask)
+    flat = flat_index(idx, (7, 5))
+    rows = to_rows(channels_last(x)).index_select(0, flat)
+    sparse = norm.forward_rows(rows, idx[:, 0].long(), 3)
+    assert torch.allclose(sparse, to_rows(channels_last(dense)).index_select(0, flat), atol=1e-5)

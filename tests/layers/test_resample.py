@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from sparsehead.layers.resample import downsample, downsample_rows, half_size, upsample, upsample_rows
+from sparsehead.layers.sparse import channels_last, flat_index, from_rows, mask_indices, to_rows
+
+
+def test_downsample_odd_size_zero_pads():
+    x = torch.arange(15.0).view(1, 1, 3, 5)
+    out = downsample(x)
+    assert out.shape == (1, 1, 2, 3)
+    assert out[0, 0, 0, 0] == (0 + 1 + 5 + 6) / 4
+    assert out[0, 0, 0, 2] == (4 + 9) / 4  # right border column: two pixels and two zeros
+    assert out[0, 0, 1, 2] == 14 / 4  # corner: one pixel and three zeros
+
+
+def test_upsample_nearest_and_crop():
+    x = torch.arange(6.0).view(1, 1, 2, 3)
+    out = upsample(x, (3, 5))
+    assert out.shape == (1, 1, 3, 5)
+    assert out[0, 0].tolist() == [[0, 0, 1, 1, 2], [0, 0, 1, 1, 2], [3, 3, 4, 4, 5]]
+
+
+@pytest.mark.parametrize("size", [(13, 19), (8, 8), (6, 5, 7)])
+def test_row_resampling_equals_dense(size):
+    torch.manual_seed(0)
+    ndim = len(size)
+    mask = torch.rand(2, 1, *size) < 0.4
+    x = torch.randn(2, 3, *size) * mask
+    idx = mask_indices(mask)
+    rows = to_rows(channels_last(x)).index_select(0, flat_index(idx, size))
+
+    coarse = half_size(size)
+    cidx, crows = downsample_rows(idx, rows)
+    out = torch.zeros(2 * torch.Size(coarse).numel(), 3).index_add(0, flat_index(cidx, coarse), crows)
+    assert torch.allclose(from_rows(out, (2, 3, *coarse)), downsample(x), atol=1e-6)
+
+    fine = [2 * s - 1 for s in size]  # an odd finer level: the last children are cropped
+    fidx, frows = upsample_rows(idx, rows, fine)
+    out = torch.zeros(2 * torch.Size(fine).numel(), 3).index_add(0, flat_index(fidx, fine), frows)
+    assert torch.allclose(from_rows(out, (2, 3, *fine)), upsample(x, fine))
+    assert fidx.shape[0] <= idx.shape[0] * 2**ndim

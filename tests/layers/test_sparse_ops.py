@@ -1,0 +1,82 @@
+import pytest
+import spconv.pytorch as spconv
+import torch
+import torch.nn.functional as F
+from spconv.core import ConvAlgo
+
+from sparsehead.layers.sparse import (
+    SubMConv,
+    channels_last,
+    conv_algo,
+    depthwise_conv_rows,
+    dilate,
+    flat_index,
+    mask_indices,
+    to_rows,
+)
+
+
+def test_algorithm_follows_device():
+    assert conv_algo(torch.device("cpu")) == ConvAlgo.Native
+    assert conv_algo(torch.device("cuda", 0)) == ConvAlgo.MaskImplicitGemm
+
+
+@pytest.mark.parametrize("size", [(9, 7), (5, 6, 4)])
+def test_depthwise_rows_equal_grouped_conv(size):
+    torch.manual_seed(0)
+    ndim = len(size)
+    x = torch.randn(2, 6, *size, requires_grad=True)
+    w = torch.randn(6, 1, *([3] * ndim), requires_grad=True)
+    conv = F.conv2d if ndim == 2 else F.conv3d
+    ref = conv(x, w, padding=1, groups=6)
+    mask = torch.rand(2, 1, *size) < 0.5
+    idx = mask_indices(mask)
+    flat = flat_index(idx, size)
+    out = depthwise_conv_rows(to_rows(channels_last(x)), idx, size, w)
+    expected = to_rows(channels_last(ref)).index_select(0, flat)
+    assert torch.allclose(out, expected, atol=1e-5)
+    gx, gw = torch.autograd.grad(out.square().sum(), (x, w))
+    rx, rw = torch.autograd.grad(expected.square().sum(), (x, w))
+    assert torch.allclose(gx, rx, atol=1e-4) and torch.allclose(gw, rw, atol=1e-3)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_submconv_matches_dense_conv_on_its_index_set(ndim):
+    torch.manual_seed(0)
+    size = (8, 7) if ndim == 2 else (5, 6, 4)
+    conv = SubMConv(ndim, 5, 4, 3, indice_key="k")
+    x = torch.randn(2, 5, *size)
+    mask = torch.rand(2, 1, *size) < 0.4
+    idx = mask_indices(mask)
+    assert idx.is_contiguous() and idx.dtype == torch.int32
+    rows = to_rows(channels_last(x)).index_select(0, flat_index(idx, size))
+    out = conv(spconv.SparseConvTensor(rows, idx, list(size), 2)).dense()
+    dense_conv = F.conv2d if ndim == 2 else F.conv3d
+    ref = dense_conv(x * mask, conv.dense_weight(), padding=1) * mask
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_dilate_is_3x3_neighbourhood():
+    mask = torch.zeros(1, 1, 5, 5, dtype=torch.bool)
+    mask[0, 0, 0, 0] = True
+    out = dilate(mask)
+    assert out[0, 0].sum() == 4 and out[0, 0, :2, :2].all()
+
+
+def test_submconv_is_correct_with_two_threads():
+    """spconv's CPU-only wheel gives wrong results with several threads; the CUDA wheel must not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        conv = SubMConv(2, 16, 16, 3)
+        x = torch.randn(2, 16, 40, 40)
+        mask = torch.rand(2, 1, 40, 40) < 0.3
+        idx = mask_indices(mask)
+        rows = to_rows(channels_last(x)).index_select(0, flat_index(idx, (40, 40)))
+        ref = F.conv2d(x * mask, conv.dense_weight(), padding=1) * mask
+        for _ in range(5):
+            out = conv(spconv.SparseConvTensor(rows, idx, [40, 40], 2)).dense()
+            assert torch.allclose(out, ref, atol=1e-4)
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,81 @@
+"""The dynamic FCOS head is a drop-in head for torchvision's FCOS."""
+import pytest
+import torch
+from torchvision.models import resnet18
+from torchvision.models.detection import FCOS
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from sparsehead import collect_cost
+from sparsehead.modeling.heads import FCOSDynamicHead, FCOSPlainHead
+
+
+def _fcos(head):
+    backbone = _resnet_fpn_extractor(resnet18(), 5, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
+    return FCOS(backbone, num_classes=3, head=head, min_size=96, max_size=128)
+
+
+def _batch():
+    images = [torch.rand(3, 90, 120), torch.rand(3, 100, 80)]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+    ]
+    return images, targets
+
+
+def test_training_losses_include_budget_and_backpropagate():
+    torch.manual_seed(0)
+    model = _fcos(FCOSDynamicHead(256, 1, 3, num_routers=1, budget_weight=0.5, gn_groups=32))
+    model.train()
+    losses = model(*_batch())
+    assert set(losses) == {"classification", "bbox_regression", "bbox_ctrness", "loss_budget"}
+    # All gates start at 0.99: the budget loss is about 0.5 * 0.99.
+    assert losses["loss_budget"].item() == pytest.approx(0.5 * 0.99, abs=0.01)
+    sum(losses.values()).backward()
+    gate_bias = model.head.cls_tower.routers[0].depth.gate.conv.bias
+    assert gate_bias.grad is not None and gate_bias.grad.abs().item() > 0
+
+
+def test_fixed_head_has_no_budget_and_full_cost():
+    model = _fcos(FCOSDynamicHead(256, 1, 3, num_routers=1, gated=False, execution="dense"))
+    model.train()
+    assert "loss_budget" not in model(*_batch())
+    cost = collect_cost(model.head)
+    assert torch.allclose(cost.realized, cost.full)
+
+
+def test_eval_returns_detections_and_modes_agree():
+    torch.manual_seed(0)
+    head = FCOSDynamicHead(256, 1, 3, num_routers=2)
+    model = _fcos(head).eval()
+    # Switch part of the gates off so the sparse path has real work to skip.
+    with torch.no_grad():
+        for tower in (head.cls_tower, head.reg_tower):
+            tower.routers[0].depth.gate.conv.weight.normal_(0, 0.05)
+            tower.routers[0].depth.gate.conv.bias.fill_(-0.02)
+    images, _ = _batch()
+    feats = list(model.backbone(model.transform(images)[0].tensors).values())
+    outs = {}
+    for mode in ("dense", "sparse"):
+        head.set_execution(mode)
+        with torch.no_grad():
+            outs[mode] = head(feats)
+    for key in ("cls_logits", "bbox_regression", "bbox_ctrness"):
+        assert torch.allclose(outs["dense"][key], outs["sparse"][key], atol=1e-4, rtol=1e-4)
+    cost = collect_cost(head)
+    assert torch.all(cost.realized < cost.full)
+    with torch.no_grad():
+        detections = model(images)
+    assert len(detections) == 2 and set(detections[0]) == {"boxes", "scores", "labels"}
+
+
+def test_plain_head_records_dense_cost():
+    model = _fcos(FCOSPlainHead(256, 1, 3, num_convs=2)).eval()
+    with torch.no_grad():
+        model([torch.rand(3, 96, 96)])
+    cost = collect_cost(model.head)
+    # P3..P7 of a 96×96 input: 12², 6², 3², 2², 1² pixels
+    pixels = 144 + 36 + 9 + 4 + 1
+    per_pixel = 2 * 2 * (256 * 256 * 9 + 256) + 256 * 9 * (3 + 4 + 1)
+    assert cost.full.item() == pytest.approx(pixels * per_pixel)

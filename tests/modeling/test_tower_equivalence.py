@@ -1,0 +1,190 @@
+"""The sparse execution mode computes the same function as the dense one, forward and backward."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsehead import DynamicTower, SpatialGate, collect_cost
+
+
+def _randomise(tower: DynamicTower, seed: int) -> None:
+    """Move the weights away from their init so every path and gate matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in tower.named_parameters():
+            if name.endswith("scale_weight"):
+                p.fill_(0.6)
+            elif name.endswith("output_weight"):
+                p.fill_(0.9)
+            elif "norm" in name:
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+            elif "gate.conv.bias" in name:
+                p.fill_(0.5)
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=gen))
+
+
+def _pattern(shape: torch.Size, density: float | list[float], seed: int) -> torch.Tensor:
+    """A fixed 0/1 mask of ``shape`` (N, G, *spatial): per image, the given active fraction."""
+    gen = torch.Generator().manual_seed(seed + sum(shape))
+    n = shape[0]
+    per_image = density if isinstance(density, list) else [density] * n
+    rand = torch.rand(shape, generator=gen)
+    out = torch.stack([(rand[i] < d).float() for i, d in enumerate(per_image)])
+    return out
+
+
+def _one_pixel(shape: torch.Size) -> torch.Tensor:
+    out = torch.zeros(shape)
+    out[(0, 0) + tuple(s // 2 for s in shape[2:])] = 1.0
+    return out
+
+
+def _control_gates(tower: DynamicTower, make_mask) -> None:
+    """Multiply every gate by a fixed mask: exact control of where paths run, gradients still flow."""
+    for i, gate in enumerate(m for m in tower.modules() if isinstance(m, SpatialGate)):
+        gate.register_forward_hook(lambda mod, inp, out, i=i: out * make_mask(out.shape, i))
+
+
+def _run(tower: DynamicTower, feats: list[torch.Tensor], mode: str):
+    tower.set_execution(mode)
+    tower.zero_grad()
+    xs = [f.clone().requires_grad_() for f in feats]
+    out = tower(xs)
+    cost = collect_cost(tower)
+    loss = sum((o * torch.cos(o + k)).sum() for k, o in enumerate(out)) + cost.budget_loss(10.0)
+    loss.backward()
+    grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in tower.named_parameters()}
+    return [o.detach() for o in out], [x.grad for x in xs], grads, cost
+
+
+def _assert_close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    scale = max(a.abs().max().item(), b.abs().max().item(), 1e-6)
+    err = (a - b).abs().max().item()
+    assert err <= 1e-4 * scale, f"{what}: max |dense - sparse| = {err:.3g} (scale {scale:.3g})"
+
+
+def _check_equivalence(
+    tower: DynamicTower, feats: list[torch.Tensor], modes=("dense", "sparse"), dtype=torch.float64, params=True
+):
+    """Compare outputs, input and parameter gradients and costs of ``modes`` against ``modes[0]``.
+
+    float64 by default, so that sums with cancellation (a gate bias gradient adds up thousands of
+    terms) do not hide a real difference behind rounding; float32 runs check outputs and input grads.
+    """
+    tower.to(dtype)
+    feats = [f.to(dtype) for f in feats]
+    ref = _run(tower, feats, modes[0])
+    for mode in modes[1:]:
+        got = _run(tower, feats, mode)
+        for i, (a, b) in enumerate(zip(ref[0], got[0])):
+            assert a.shape == b.shape == feats[i].shape
+            _assert_close(a, b, f"{mode} output level {i}")
+        for i, (a, b) in enumerate(zip(ref[1], got[1])):
+            _assert_close(a, b, f"{mode} input gradient level {i}")
+        for name in ref[2] if params else []:
+            _assert_close(ref[2][name], got[2][name], f"{mode} gradient of {name}")
+        for field in ("soft", "realized", "full"):
+            _assert_close(getattr(ref[3], field), getattr(got[3], field), f"{mode} cost.{field}")
+    return ref
+
+
+DENSITIES = {
+    "none": lambda shape, i: torch.zeros(shape),
+    "one_pixel": lambda shape, i: _one_pixel(shape),
+    "sparse": lambda shape, i: _pattern(shape, 0.1, i),
+    "half": lambda shape, i: _pattern(shape, 0.5, i),
+    "full": lambda shape, i: torch.ones(shape),
+    "mixed_batch": lambda shape, i: _pattern(shape, [0.95, 0.03], i),
+}
+
+
+@pytest.mark.parametrize("density", list(DENSITIES))
+def test_2d_tower_dense_equals_sparse(make_pyramid, density):
+    torch.manual_seed(0)
+    tower = DynamicTower(16, 2, ndim=2, gn_groups=4, num_levels=4)
+    _randomise(tower, seed=1)
+    _control_gates(tower, DENSITIES[density])
+    feats = make_pyramid(2, 16, (13, 19), 4, seed=2)  # odd sizes: 13×19 → 7×10 → 4×5 → 2×3
+    out, _, grads, cost = _check_equivalence(tower, feats)
+    if density == "none":
+        # Nothing runs but the ungated work: the realised cost is the gate convs only.
+        gates = [m for m in tower.modules() if isinstance(m, SpatialGate)]
+        assert torch.all(cost.soft == 0) or torch.all(cost.realized < cost.full)
+        assert all(g.conv.weight.grad is None or torch.all(g.conv.weight.grad == 0) for g in gates)
+
+
+def test_2d_natural_gates_without_control(make_pyramid):
+    """Gates computed by the model itself (no mask): roughly half the pixels active."""
+    tower = DynamicTower(16, 3, ndim=2, gn_groups=8, num_levels=5)
+    _randomise(tower, seed=3)
+    with torch.no_grad():
+        for m in tower.modules():
+            if isinstance(m, SpatialGate):
+                m.conv.bias.fill_(0.0)
+    feats = make_pyramid(2, 16, (21, 17), 5, seed=4)
+    _, _, _, cost = _check_equivalence(tower, feats)
+    ratio = (cost.realized / cost.full).tolist()
+    assert all(0.2 < r < 0.95 for r in ratio), ratio
+
+
+@pytest.mark.parametrize("density", ["none", "one_pixel", "half", "full", "mixed_batch"])
+def test_3d_tower_dense_equals_sparse(make_pyramid, density):
+    tower = DynamicTower(8, 2, ndim=3, gn_groups=2, num_levels=3)
+    _randomise(tower, seed=5)
+    _control_gates(tower, DENSITIES[density])
+    feats = make_pyramid(2, 8, (7, 6, 5), 3, seed=6)
+    _check_equivalence(tower, feats)
+
+
+def test_auto_mode_equals_dense(make_pyramid):
+    tower = DynamicTower(16, 2, gn_groups=4, num_levels=4, auto_threshold=0.3)
+    _randomise(tower, seed=7)
+    # Different densities per gate so auto mixes sparse and dense paths within one forward.
+    _control_gates(tower, lambda shape, i: _pattern(shape, [0.1, 0.6, 0.9][i % 3], i))
+    feats = make_pyramid(2, 16, (13, 11), 4, seed=8)
+    _check_equivalence(tower, feats, modes=("dense", "sparse", "auto"))
+
+
+@pytest.mark.parametrize("options", [
+    {"gate_groups": 4},
+    {"coarse_gate": True},
+    {"gate_activation": "sigmoid"},
+    {"gate_activation": "softmax", "gate_groups": 2, "gate_init": 0.3},
+    {"gated": False},
+])
+def test_gate_variants_dense_equals_sparse(make_pyramid, options):
+    tower = DynamicTower(16, 2, gn_groups=4, num_levels=3, **options)
+    _randomise(tower, seed=9)
+    if options.get("gated", True):
+        with torch.no_grad():
+            for m in tower.modules():
+                if isinstance(m, SpatialGate):
+                    m.conv.bias.fill_(0.0)
+    feats = make_pyramid(2, 16, (9, 10), 3, seed=10)
+    _check_equivalence(tower, feats)
+
+
+def test_switching_modes_keeps_weights_and_is_reversible(make_pyramid):
+    tower = DynamicTower(16, 1, gn_groups=4, num_levels=3)
+    _randomise(tower, seed=11)
+    feats = make_pyramid(1, 16, (8, 8), 3)
+    before = {k: v.clone() for k, v in tower.state_dict().items()}
+    tower.set_execution("sparse")
+    assert all(r.execution == "sparse" for r in tower.routers)
+    with torch.no_grad():
+        a = tower(feats)
+        tower.set_execution("dense")
+        b = tower(feats)
+    assert tower.execution == "dense"
+    for x, y in zip(a, b):
+        _assert_close(x, y, "output")
+    assert all(torch.equal(before[k], v) for k, v in tower.state_dict().items())
+
+
+def test_float32_dense_equals_sparse(make_pyramid):
+    tower = DynamicTower(32, 2, gn_groups=8, num_levels=5)
+    _randomise(tower, seed=12)
+    _control_gates(tower, lambda shape, i: _pattern(shape, [0.3, 0.7], i))
+    feats = make_pyramid(2, 32, (25, 38), 5, seed=13)
+    _check_equivalence(tower, feats, dtype=torch.float32, params=False)
