@@ -12,6 +12,12 @@ torch layout for the dense mode.
 
 spconv has no grouped convolution. :func:`depthwise_conv_rows` computes a depthwise 3^ndim conv at
 chosen output pixels by gathering each output's neighbours from the rows of a dense map.
+
+Exact output sets. A submanifold conv computes at every input pixel. When a conv's outputs are needed on
+a smaller set than the pixels it reads (the depth path's first conv reads the 3×3 dilation of its
+outputs), :func:`neighbour_rulebook` pairs the wanted outputs with the rows they read and
+:func:`rulebook_conv` runs spconv's Native gather-GEMM-scatter on it: no work on pixels whose result
+would be thrown away.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import spconv.pytorch as spconv
 import torch
 import torch.nn.functional as F
 from spconv.core import ConvAlgo
+from spconv.pytorch import functional as Fsp
 from spconv.pytorch.conv import SparseConvolution
 
 __all__ = [
@@ -36,6 +43,8 @@ __all__ = [
     "dilate",
     "depthwise_conv_rows",
     "kernel_offsets",
+    "neighbour_rulebook",
+    "rulebook_conv",
 ]
 
 
@@ -150,3 +159,59 @@ def depthwise_conv_rows(
     neighbours = rows.index_select(0, flat.reshape(-1)).view(*valid.shape, c)  # (R, K, C)
     w = weight.reshape(c, -1).t()  # (K, C)
     return (neighbours * valid[..., None].to(rows.dtype) * w).sum(dim=1)
+
+
+def neighbour_rulebook(
+    out_indices: torch.Tensor,
+    spatial_shape: Sequence[int],
+    lookup: torch.Tensor | None = None,
+    kernel_size: int = 3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A gather-GEMM-scatter rulebook from chosen output pixels to the rows they read.
+
+    For every kernel offset ``k`` it pairs each output row ``i`` (pixel ``out_indices[i]``) with the
+    input row holding pixel ``out_indices[i] + offset_k``: the pixel's flat number in the full grid when
+    ``lookup`` is None (the input is a whole map's rows), else ``lookup[flat]`` (an int64 map from flat
+    pixel number to input row, -1 where there is none). Out-of-grid and missing neighbours are left out,
+    which is zero padding.
+
+    Returns:
+        ``indice_pairs`` (2, K, R) int32 (input rows, output rows; the first ``indice_pair_num[k]`` of
+        each offset valid) and ``indice_pair_num`` (K,) int32, in the layout spconv's Native
+        ``indice_conv`` takes, with offsets ordered as the (C_out, *kernel, C_in) weight.
+    """
+    ndim = len(spatial_shape)
+    r = out_indices.shape[0]
+    offsets = kernel_offsets(ndim, kernel_size).to(out_indices.device)  # (K, ndim)
+    coords = out_indices[:, None, 1:].long() + offsets[None]  # (R, K, ndim)
+    size = torch.tensor(list(spatial_shape), device=out_indices.device)
+    valid = ((coords >= 0) & (coords < size)).all(dim=-1)  # (R, K)
+    src = out_indices[:, 0].long()[:, None].expand_as(valid)
+    for d in range(ndim):
+        src = src * spatial_shape[d] + coords[..., d].clamp(0, spatial_shape[d] - 1)
+    if lookup is not None:
+        src = lookup[src]
+        valid &= src >= 0
+    # Compact each offset's valid pairs to the front, keeping output order.
+    order = torch.argsort((~valid).to(torch.int8), dim=0, stable=True)  # (R, K)
+    dst = torch.arange(r, device=out_indices.device)[:, None].expand_as(valid)
+    keep = valid.gather(0, order)
+    pairs = torch.stack([src.gather(0, order), dst.gather(0, order)])  # (2, R, K)
+    pairs = torch.where(keep, pairs, torch.full_like(pairs, -1)).transpose(1, 2).int().contiguous()
+    return pairs, valid.sum(dim=0).int().cpu()
+
+
+def rulebook_conv(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    rulebook: tuple[torch.Tensor, torch.Tensor],
+    num_out: int,
+) -> torch.Tensor:
+    """Sparse conv of ``features`` (R_in, C_in) by a :func:`neighbour_rulebook`, (R_out, C_out) out.
+
+    Runs spconv's Native gather-GEMM-scatter (with its backward) on ``weight`` (C_out, *kernel, C_in).
+    """
+    pairs, num = rulebook
+    if num_out == 0:
+        return features.new_zeros(0, weight.shape[0])
+    return Fsp.indice_conv(features.contiguous(), weight, pairs, num, num_out, ConvAlgo.Native)

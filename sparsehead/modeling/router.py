@@ -33,6 +33,7 @@ import spconv.pytorch as spconv
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from ..layers.gates import SpatialGate, expand_gate, gate_mask, pool_gate
 from ..layers.norm import MaskedGroupNorm
@@ -45,6 +46,8 @@ from ..layers.sparse import (
     flat_index,
     from_rows,
     mask_indices,
+    neighbour_rulebook,
+    rulebook_conv,
     to_rows,
 )
 from .cost import Cost
@@ -136,8 +139,14 @@ class ScaleUnit(nn.Module):
 class DepthPath(nn.Module):
     """Gated residual bottleneck of two 3^ndim convs with GroupNorm (the router's depth path).
 
-    The convs are spconv submanifold convs (weights (C, *kernel, C)); the dense mode runs them with
-    torch's conv on the same weights.
+    The convs hold spconv weights (C, *kernel, C); the dense mode runs them with torch's conv. The sparse
+    mode has two implementations of the same function, chosen by ``rulebook``:
+
+    - ``exact`` (default on CPU): conv1 at dilate(D) reading the map's rows in place, conv2 at D, each on
+      its own rulebook through spconv's Native gather-GEMM-scatter. No pixel is computed in vain.
+    - ``submanifold`` (default on CUDA, where spconv's implicit-GEMM kernels need their own rulebooks):
+      both convs as spconv ``SubMConv`` on dilate(dilate(D)) sharing one rulebook; rows outside the
+      conv's own set are computed, then ignored.
     """
 
     def __init__(
@@ -150,6 +159,7 @@ class DepthPath(nn.Module):
         self.conv2 = SubMConv(ndim, channels, channels, 3, indice_key=indice_key)
         self.norm2 = MaskedGroupNorm(gn_groups, channels)
         self.gate = gate
+        self.rulebook: str | None = None  # "exact" | "submanifold"; None: exact on CPU, submanifold on CUDA
         for conv in (self.conv1, self.conv2):
             nn.init.normal_(conv.weight, std=0.01)
 
@@ -175,25 +185,58 @@ class DepthPath(nn.Module):
         return F.relu(s + expand_gate(g, s.shape[1]) * h)
 
     def sparse(self, s: torch.Tensor, g: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor) -> torch.Tensor:
-        n, c, *size = s.shape
+        """The depth path at its active pixels only; the rest of the map passes through ``relu``."""
         s = channels_last(s)
-        idx = mask_indices(dilate(outer))
-        if idx.shape[0] == 0:
+        if not bool(outer.any()):
             return F.relu(s)
+        method = self.rulebook or ("submanifold" if s.is_cuda else "exact")
+        if method == "exact":
+            return self._sparse_exact(s, g, inner, outer)
+        return self._sparse_submanifold(s, g, inner, outer)
+
+    def _sparse_exact(self, s: torch.Tensor, g: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor) -> torch.Tensor:
+        """conv1 exactly at dilate(D) reading the map's rows in place, conv2 exactly at D (CPU, Native)."""
+        n, c, *size = s.shape
         rows = to_rows(s)
-        flat = flat_index(idx, size)
-        batch = idx[:, 0].long()
-        in_outer = outer.reshape(-1).index_select(0, flat)
-        in_inner = inner.reshape(-1).index_select(0, flat)
-        x = spconv.SparseConvTensor(rows.index_select(0, flat), idx, size, n)
-        h = self.conv1(x)  # submanifold: rows stay aligned with idx
-        h1 = F.relu(self.norm1.forward_rows(h.features, batch, n, in_outer)) * in_outer[:, None]
-        h = self.conv2(h.replace_feature(h1))  # same indice_key: the rulebook is reused
-        h2 = self.norm2.forward_rows(h.features, batch, n, in_inner)
-        keep = in_inner.nonzero()[:, 0]
-        gate_rows = expand_gate(to_rows(g).index_select(0, flat.index_select(0, keep)), c)
-        out = rows.index_add(0, flat.index_select(0, keep), h2.index_select(0, keep) * gate_rows)
-        return F.relu(from_rows(out, s.shape))
+        with record_function("sparsehead.gather"):
+            idx1, idx2 = mask_indices(outer), mask_indices(inner)
+            flat1, flat2 = flat_index(idx1, size), flat_index(idx2, size)
+            book1 = neighbour_rulebook(idx1, size)
+            lookup = torch.full((rows.shape[0],), -1, dtype=torch.int64, device=s.device)
+            lookup[flat1] = torch.arange(idx1.shape[0], device=s.device)
+            book2 = neighbour_rulebook(idx2, size, lookup)
+        with record_function("sparsehead.depth_conv"):
+            h = rulebook_conv(rows, self.conv1.weight, book1, idx1.shape[0])
+            h = F.relu(self.norm1.forward_rows(h, idx1[:, 0].long(), n))
+            h = rulebook_conv(h, self.conv2.weight, book2, idx2.shape[0])
+            h = self.norm2.forward_rows(h, idx2[:, 0].long(), n)
+        with record_function("sparsehead.scatter"):
+            out = rows.index_add(0, flat2, h * expand_gate(to_rows(g).index_select(0, flat2), c))
+            return F.relu(from_rows(out, s.shape))
+
+    def _sparse_submanifold(
+        self, s: torch.Tensor, g: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor
+    ) -> torch.Tensor:
+        """Both convs as spconv submanifold convs on dilate(dilate(D)), one shared rulebook (any device)."""
+        n, c, *size = s.shape
+        with record_function("sparsehead.gather"):
+            idx = mask_indices(dilate(outer))
+            rows = to_rows(s)
+            flat = flat_index(idx, size)
+            batch = idx[:, 0].long()
+            in_outer = outer.reshape(-1).index_select(0, flat)
+            in_inner = inner.reshape(-1).index_select(0, flat)
+            x = spconv.SparseConvTensor(rows.index_select(0, flat), idx, size, n)
+        with record_function("sparsehead.depth_conv"):
+            h = self.conv1(x)  # submanifold: rows stay aligned with idx
+            h1 = F.relu(self.norm1.forward_rows(h.features, batch, n, in_outer)) * in_outer[:, None]
+            h = self.conv2(h.replace_feature(h1))  # same indice_key: the rulebook is reused
+            h2 = self.norm2.forward_rows(h.features, batch, n, in_inner)
+        with record_function("sparsehead.scatter"):
+            keep = in_inner.nonzero()[:, 0]
+            gate_rows = expand_gate(to_rows(g).index_select(0, flat.index_select(0, keep)), c)
+            out = rows.index_add(0, flat.index_select(0, keep), h2.index_select(0, keep) * gate_rows)
+            return F.relu(from_rows(out, s.shape))
 
 
 class Router(nn.Module):
@@ -210,7 +253,10 @@ class Router(nn.Module):
         name: a unique prefix for this router's spconv rulebook key.
 
     ``forward(features)`` takes a list of (N, C, *spatial_l) maps, finest first, and returns the list of
-    outputs with the same shapes; it sets ``last_cost`` (see :mod:`sparsehead.modeling.cost`).
+    outputs with the same shapes; it sets ``last_cost`` (see :mod:`sparsehead.modeling.cost`). With
+    ``keep_gates = True`` it also keeps the gates it computed, detached, in ``last_gates``:
+    ``{"down": {source_level: (N, G, *spatial)}, "up": {...}, "depth": {level: ...}}`` (a "down" unit at
+    level l feeds level l + 1, an "up" unit feeds l - 1).
     """
 
     def __init__(
@@ -248,6 +294,19 @@ class Router(nn.Module):
         self.scale_weight = nn.Parameter(torch.zeros(()))
         self.output_weight = nn.Parameter(torch.ones(()))
         self.last_cost: Cost | None = None
+        self.keep_gates = False
+        self.last_gates: dict[str, dict[int, torch.Tensor]] = {}
+
+    def unit_costs(self) -> dict[str, tuple[int, ...]]:
+        """MACs per pixel of each path's convs: ``down``/``up`` (one unit each), ``depth`` (conv1, conv2),
+        and ``gate`` (one gate conv, always computed)."""
+        gate = next((m.macs_per_pixel() for m in (self.down.gate, self.up.gate, self.depth.gate) if m), 0)
+        return {
+            "down": (self.down.macs_per_pixel(),),
+            "up": (self.up.macs_per_pixel(),),
+            "depth": self.depth.unit_costs(),
+            "gate": (gate,),
+        }
 
     def _sparse_here(self, mask: torch.Tensor) -> bool:
         if self.execution == "auto":
@@ -264,6 +323,7 @@ class Router(nn.Module):
         n = features[0].shape[0]
         device = features[0].device
         cost = Cost.zeros(n, device)
+        kept: dict[str, dict[int, torch.Tensor]] = {"down": {}, "up": {}, "depth": {}}
         if self.execution != "dense":
             features = [channels_last(x) for x in features]
 
@@ -274,36 +334,47 @@ class Router(nn.Module):
             for unit, dst in ((self.down, src + 1), (self.up, src - 1)):
                 if not 0 <= dst < levels:
                     continue
-                g, mask = unit.gate_and_mask(x)
+                with record_function("sparsehead.gate"):
+                    g, mask = unit.gate_and_mask(x)
+                if self.keep_gates:
+                    kept["down" if unit is self.down else "up"][src] = g.detach()
                 cost = cost + _path_cost([g], [mask], [unit.macs_per_pixel()])
                 cost = cost + self._gate_cost([unit.gate], mask[0].numel(), n, device)
                 dst_size = tuple(features[dst].shape[2:])
-                if self._sparse_here(mask):
-                    idx, rows = unit.sparse(x, g, mask)
-                    if idx.shape[0]:
-                        if dst > src:
-                            rows_in[dst].append(downsample_rows(idx, rows))
-                        else:
-                            rows_in[dst].append(upsample_rows(idx, rows, dst_size))
-                else:
-                    u = unit.dense(x, g, mask)
-                    dense_in[dst].append(downsample(u) if dst > src else upsample(u, dst_size))
+                with record_function("sparsehead.scale"):
+                    if self._sparse_here(mask):
+                        idx, rows = unit.sparse(x, g, mask)
+                        if idx.shape[0]:
+                            if dst > src:
+                                rows_in[dst].append(downsample_rows(idx, rows))
+                            else:
+                                rows_in[dst].append(upsample_rows(idx, rows, dst_size))
+                    else:
+                        u = unit.dense(x, g, mask)
+                        dense_in[dst].append(downsample(u) if dst > src else upsample(u, dst_size))
 
         outputs = []
         for lvl, x in enumerate(features):
-            s = self.output_weight * x
-            for u in dense_in[lvl]:
-                s = s + self.scale_weight * u
-            if rows_in[lvl]:
-                idx = torch.cat([i for i, _ in rows_in[lvl]])
-                rows = torch.cat([r for _, r in rows_in[lvl]]) * self.scale_weight
-                s = from_rows(to_rows(channels_last(s)).index_add(0, flat_index(idx, x.shape[2:]), rows), s.shape)
-            g, inner, outer = self.depth.gate_and_masks(s)
+            with record_function("sparsehead.scatter"):
+                s = self.output_weight * x
+                for u in dense_in[lvl]:
+                    s = s + self.scale_weight * u
+                if rows_in[lvl]:
+                    idx = torch.cat([i for i, _ in rows_in[lvl]])
+                    rows = torch.cat([r for _, r in rows_in[lvl]]) * self.scale_weight
+                    flat = flat_index(idx, x.shape[2:])
+                    s = from_rows(to_rows(channels_last(s)).index_add(0, flat, rows), s.shape)
+            with record_function("sparsehead.gate"):
+                g, inner, outer = self.depth.gate_and_masks(s)
+            if self.keep_gates:
+                kept["depth"][lvl] = g.detach()
             cost = cost + _path_cost([pool_gate(g), g], [outer, inner], self.depth.unit_costs())
             cost = cost + self._gate_cost([self.depth.gate], inner[0].numel(), n, device)
             if self._sparse_here(outer):
                 outputs.append(self.depth.sparse(s, g, inner, outer))
             else:
-                outputs.append(self.depth.dense(s, g, inner, outer))
+                with record_function("sparsehead.depth_conv"):
+                    outputs.append(self.depth.dense(s, g, inner, outer))
         self.last_cost = cost
+        self.last_gates = kept if self.keep_gates else {}
         return outputs

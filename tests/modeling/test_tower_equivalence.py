@@ -5,6 +5,13 @@ import pytest
 import torch
 
 from sparsehead import DynamicTower, SpatialGate, collect_cost
+from sparsehead.modeling.router import DepthPath
+
+
+def _use_rulebook(tower: DynamicTower, rulebook: str) -> None:
+    for m in tower.modules():
+        if isinstance(m, DepthPath):
+            m.rulebook = rulebook
 
 
 def _randomise(tower: DynamicTower, seed: int) -> None:
@@ -99,10 +106,12 @@ DENSITIES = {
 }
 
 
+@pytest.mark.parametrize("rulebook", ["exact", "submanifold"])
 @pytest.mark.parametrize("density", list(DENSITIES))
-def test_2d_tower_dense_equals_sparse(make_pyramid, density):
+def test_2d_tower_dense_equals_sparse(make_pyramid, density, rulebook):
     torch.manual_seed(0)
     tower = DynamicTower(16, 2, ndim=2, gn_groups=4, num_levels=4)
+    _use_rulebook(tower, rulebook)
     _randomise(tower, seed=1)
     _control_gates(tower, DENSITIES[density])
     feats = make_pyramid(2, 16, (13, 19), 4, seed=2)  # odd sizes: 13×19 → 7×10 → 4×5 → 2×3
@@ -128,9 +137,11 @@ def test_2d_natural_gates_without_control(make_pyramid):
     assert all(0.2 < r < 0.95 for r in ratio), ratio
 
 
+@pytest.mark.parametrize("rulebook", ["exact", "submanifold"])
 @pytest.mark.parametrize("density", ["none", "one_pixel", "half", "full", "mixed_batch"])
-def test_3d_tower_dense_equals_sparse(make_pyramid, density):
+def test_3d_tower_dense_equals_sparse(make_pyramid, density, rulebook):
     tower = DynamicTower(8, 2, ndim=3, gn_groups=2, num_levels=3)
+    _use_rulebook(tower, rulebook)
     _randomise(tower, seed=5)
     _control_gates(tower, DENSITIES[density])
     feats = make_pyramid(2, 8, (7, 6, 5), 3, seed=6)
