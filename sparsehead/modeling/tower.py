@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import spconv.pytorch as spconv
 import torch
 from torch import nn
 
@@ -126,7 +127,18 @@ class DynamicTower(ExecutionMixin, nn.Module):
                         f"expected spatial size {expected}, got {tuple(x.shape[2:])}"
                     )
 
-    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, features):
+        """Dense maps in, dense maps out; or SparseConvTensors in, SparseConvTensors out.
+
+        ``features``: a list of ``num_levels`` (N, C, *spatial) tensors, or (for voxel detectors) one
+        ``spconv.pytorch.SparseConvTensor`` (``num_levels == 1``) or a list of them; see
+        :mod:`sparsehead.modeling.sparse_input`.
+        """
+        first = features[0] if isinstance(features, (list, tuple)) and features else features
+        if isinstance(first, spconv.SparseConvTensor):
+            from .sparse_input import forward_sparse
+
+            return forward_sparse(self, features)
         self.check_features(features)
         out = list(features)
         for router in self.routers:

@@ -1,4 +1,5 @@
 """Detection heads built on the dynamic towers."""
 from .fcos import FCOSDynamicHead, FCOSPlainHead
+from .retinanet import RetinaNetDynamicHead
 
-__all__ = ["FCOSDynamicHead", "FCOSPlainHead"]
+__all__ = ["FCOSDynamicHead", "FCOSPlainHead", "RetinaNetDynamicHead"]

@@ -1,0 +1,310 @@
+"""A DynamicTower on SparseConvTensors: sparse == dense reference, index sets kept, costs, bad inputs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import spconv.pytorch as spconv
+import torch
+import torch.nn.functional as F
+
+from sparsehead import DynamicTower, SpatialGate, collect_cost
+from sparsehead.layers.resample import half_size
+from sparsehead.modeling.sparse_input import forward_sparse
+
+SHAPE = (12, 10, 8)
+
+
+def _sizes(shape: tuple[int, ...], levels: int) -> list[list[int]]:
+    sizes = [list(shape)]
+    for _ in range(levels - 1):
+        sizes.append(half_size(sizes[-1]))
+    return sizes
+
+
+def _masks(levels: int, occupancy=(0.15, 0.08), seed: int = 0, full: bool = False) -> list[torch.Tensor]:
+    """Occupancy masks (N, *shape) bool per level; a coarse level keeps most parents of the finer voxels
+    and adds a few voxels without children, so some contributions land outside the next index set."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = _sizes(SHAPE, levels)
+    n = len(occupancy)
+    if full:
+        return [torch.ones(n, *s, dtype=torch.bool) for s in sizes]
+    out = [torch.stack([torch.rand(sizes[0], generator=gen) < p for p in occupancy])]
+    for s in sizes[1:]:
+        parents = F.max_pool3d(out[-1][:, None].float(), 2, 2, ceil_mode=True)[:, 0] > 0
+        keep = torch.rand(n, *s, generator=gen) < 0.7
+        extra = torch.rand(n, *s, generator=gen) < 0.05
+        out.append((parents & keep) | extra)
+    return out
+
+
+def _tensors(masks: list[torch.Tensor], channels: int, seed: int = 1, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for m in masks:
+        idx = torch.nonzero(m).int().contiguous()
+        feats = torch.randn(idx.shape[0], channels, generator=gen, dtype=dtype)
+        out.append(spconv.SparseConvTensor(feats, idx, list(m.shape[1:]), m.shape[0]))
+    return out
+
+
+def _randomise(tower: DynamicTower, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in tower.named_parameters():
+            if name.endswith("scale_weight"):
+                p.fill_(0.6)
+            elif name.endswith("output_weight"):
+                p.fill_(0.9)
+            elif "norm" in name:
+                p.add_(0.2 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+            elif "gate.conv.bias" in name:
+                p.fill_(0.5)
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+def _control_gates(tower: DynamicTower, masks: list[torch.Tensor], pattern: str, seed: int = 3) -> None:
+    """Multiply each gate by a fixed 0/1 volume per (gate, level); the hook sees (N, G, *shape) in the
+    dense reference and (R, G) rows in the sparse mode (levels told apart by their voxel counts)."""
+    counts = [int(m.sum()) for m in masks]
+    assert len(set(counts)) == len(counts), "levels need distinct voxel counts"
+    gates = [m for m in tower.modules() if isinstance(m, SpatialGate)]
+    gen = torch.Generator().manual_seed(seed)
+    for gate in gates:
+        vols = []
+        for m in masks:
+            shape = (m.shape[0], gate.num_groups) + tuple(m.shape[1:])
+            if pattern == "none":
+                v = torch.zeros(shape)
+            elif pattern == "all":
+                v = torch.ones(shape)
+            elif pattern == "one":
+                v = torch.zeros(shape)
+                b, *c = torch.nonzero(m)[len(torch.nonzero(m)) // 3].tolist()
+                v[(b, slice(None), *c)] = 1.0
+            elif pattern == "mixed_batch":
+                v = torch.stack([torch.rand(shape[1:], generator=gen) < p for p in (0.9, 0.05)]).float()
+            else:
+                v = (torch.rand(shape, generator=gen) < 0.3).float()
+            vols.append(v)
+
+        def hook(mod, inp, out, vols=vols):
+            if out.dim() == 2:
+                lvl = counts.index(out.shape[0])
+                idx = torch.nonzero(masks[lvl])
+                return out * vols[lvl].movedim(1, -1)[tuple(idx.t())].to(out.dtype)
+            lvl = next(j for j, m in enumerate(masks) if tuple(m.shape[1:]) == tuple(out.shape[2:]))
+            return out * vols[lvl].to(out.dtype)
+
+        gate.activation.register_forward_hook(hook)
+
+
+def _run(tower: DynamicTower, inputs: list[spconv.SparseConvTensor], mode: str, single: bool):
+    tower.set_execution(mode)
+    tower.zero_grad()
+    feats = [x.features.clone().requires_grad_() for x in inputs]
+    xs = [x.replace_feature(f) for x, f in zip(inputs, feats)]
+    out = forward_sparse(tower, xs[0] if single else xs)
+    out = [out] if single else out
+    cost = collect_cost(tower)
+    loss = sum((o.features * torch.cos(o.features + k)).sum() for k, o in enumerate(out)) + cost.budget_loss(10.0)
+    loss.backward()
+    grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in tower.named_parameters()}
+    return out, [f.grad for f in feats], grads, cost
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-4) -> None:
+    scale = max(a.abs().max().item() if a.numel() else 0.0, b.abs().max().item() if b.numel() else 0.0, 1e-6)
+    err = (a - b).abs().max().item() if a.numel() else 0.0
+    assert err <= tol * scale, f"{what}: max |dense - sparse| = {err:.3g} (scale {scale:.3g})"
+
+
+def _check(tower: DynamicTower, inputs, single: bool = False):
+    tower.double()
+    ref = _run(tower, inputs, "dense", single)
+    got = _run(tower, inputs, "sparse", single)
+    for i, (a, b, x) in enumerate(zip(ref[0], got[0], inputs)):
+        assert torch.equal(b.indices, x.indices) and list(b.spatial_shape) == list(x.spatial_shape)
+        assert b.batch_size == x.batch_size and b.features.shape == x.features.shape
+        _close(a.features, b.features, f"output level {i}")
+    for i, (a, b) in enumerate(zip(ref[1], got[1])):
+        _close(a, b, f"input gradient level {i}")
+    for name in ref[2]:
+        _close(ref[2][name], got[2][name], f"gradient of {name}")
+    for field in ("soft", "realized", "full"):
+        _close(getattr(ref[3], field), getattr(got[3], field), f"cost.{field}")
+    return got
+
+
+PATTERNS = ["none", "one", "sparse", "all", "mixed_batch"]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_single_level_dense_equals_sparse(pattern):
+    torch.manual_seed(0)
+    tower = DynamicTower(8, 2, ndim=3, num_levels=1, gn_groups=2)
+    _randomise(tower, 1)
+    masks = _masks(1)
+    _control_gates(tower, masks, pattern)
+    out, _, _, cost = _check(tower, _tensors(masks, 8), single=True)
+    if pattern == "none":  # no path runs: each router is relu(output_weight * x), output_weight = 0.9
+        assert torch.all(cost.realized < cost.full)
+        _close(out[0].features, F.relu(0.81 * _tensors(masks, 8)[0].features), "ungated output")
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_pyramid_dense_equals_sparse(pattern):
+    tower = DynamicTower(8, 2, ndim=3, num_levels=3, gn_groups=2)
+    _randomise(tower, 2)
+    masks = _masks(3, seed=4)
+    _control_gates(tower, masks, pattern)
+    _check(tower, _tensors(masks, 8, seed=5))
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"gate_groups": 2},
+    {"coarse_gate": True},
+    {"gate_activation": "sigmoid"},
+    {"gated": False},
+])
+def test_natural_gates_and_variants(options):
+    """Gates computed by the model itself (bias 0: part of the voxels active), 2 levels."""
+    tower = DynamicTower(8, 2, ndim=3, num_levels=2, gn_groups=2, **options)
+    _randomise(tower, 6)
+    with torch.no_grad():
+        for m in tower.modules():
+            if isinstance(m, SpatialGate):
+                m.conv.bias.fill_(0.0)
+    masks = _masks(2, seed=7)
+    _, _, _, cost = _check(tower, _tensors(masks, 8, seed=8))
+    if options.get("gated", True) and "gate_activation" not in options and "coarse_gate" not in options:
+        assert torch.all(cost.realized < cost.full) and torch.all(cost.realized > 0)
+
+
+def test_cost_full_counts_voxels():
+    tower = DynamicTower(8, 1, ndim=3, num_levels=2, gn_groups=2).double()
+    masks = _masks(2, seed=9)
+    with torch.no_grad():
+        forward_sparse(tower, _tensors(masks, 8))
+    units = tower.routers[0].unit_costs()
+    voxels = [m.flatten(1).sum(1).double() for m in masks]
+    # Every level runs the depth path and its gate; level 0 feeds "down", level 1 feeds "up".
+    per_voxel = sum(units["depth"]) + units["gate"][0]
+    expected = (voxels[0] + voxels[1]) * per_voxel
+    expected += voxels[0] * (units["down"][0] + units["gate"][0]) + voxels[1] * (units["up"][0] + units["gate"][0])
+    cost = collect_cost(tower)
+    assert torch.allclose(cost.full.double(), expected)
+    assert torch.all(cost.realized <= cost.full) and torch.all(cost.soft <= cost.full)
+    assert expected[0] < math.prod(SHAPE) * per_voxel  # not the dense volume
+
+
+@pytest.mark.parametrize("levels", [1, 3])
+def test_full_grid_equals_dense_tower(levels):
+    """With every voxel present, forward_sparse is the dense-input tower on the same volumes."""
+    tower = DynamicTower(8, 2, ndim=3, num_levels=levels, gn_groups=2)
+    _randomise(tower, 10)
+    with torch.no_grad():
+        for m in tower.modules():
+            if isinstance(m, SpatialGate):
+                m.conv.bias.fill_(0.0)
+    tower.double()
+    masks = _masks(levels, occupancy=(1.0, 1.0), full=True)
+    inputs = _tensors(masks, 8, seed=11)
+    for mode in ("sparse", "dense"):
+        tower.set_execution(mode)
+        with torch.no_grad():
+            out = forward_sparse(tower, inputs if levels > 1 else inputs[0])
+            sparse_cost = collect_cost(tower)
+            ref = tower([x.dense() for x in inputs])
+            dense_cost = collect_cost(tower)
+        out = out if levels > 1 else [out]
+        for a, b in zip(out, ref):
+            _close(a.dense(), b, f"{mode}: full-grid output vs dense tower", 1e-9)
+        for field in ("soft", "realized", "full"):
+            _close(getattr(sparse_cost, field), getattr(dense_cost, field), f"{mode} cost.{field}", 1e-5)
+
+
+def test_returns_same_kind_and_index_set():
+    tower = DynamicTower(8, 1, ndim=3, num_levels=1, gn_groups=2)
+    x = _tensors(_masks(1), 8, dtype=torch.float32)[0]
+    with torch.no_grad():
+        y = forward_sparse(tower, x)
+    assert isinstance(y, spconv.SparseConvTensor)
+    assert torch.equal(y.indices, x.indices) and y.features.shape == x.features.shape
+    tower2 = DynamicTower(8, 1, ndim=3, num_levels=2, gn_groups=2)
+    xs = _tensors(_masks(2), 8, dtype=torch.float32)
+    with torch.no_grad():
+        ys = forward_sparse(tower2, tuple(xs))
+    assert isinstance(ys, list) and len(ys) == 2
+    assert all(torch.equal(a.indices, b.indices) for a, b in zip(xs, ys))
+
+
+def test_empty_image_and_float32():
+    tower = DynamicTower(8, 2, ndim=3, num_levels=2, gn_groups=2)
+    masks = _masks(2, occupancy=(0.2, 0.0), seed=12)  # image 1 has no voxel at level 0
+    masks[1][1] = False
+    xs = _tensors(masks, 8, dtype=torch.float32)
+    outs = {}
+    for mode in ("dense", "sparse"):
+        tower.set_execution(mode)
+        with torch.no_grad():
+            outs[mode] = forward_sparse(tower, xs)
+    for a, b in zip(outs["dense"], outs["sparse"]):
+        _close(a.features, b.features, "float32 output")
+    assert collect_cost(tower).full[1] == 0
+
+
+def _bad(kind: str):
+    x = _tensors(_masks(1), 8, dtype=torch.float32)[0]
+    idx, f, shape = x.indices, x.features, list(x.spatial_shape)
+    if kind == "ndim":
+        return spconv.SparseConvTensor(f, idx[:, :3].contiguous(), shape[:2], 2), "spatial dims"
+    if kind == "channels":
+        return spconv.SparseConvTensor(f[:, :4].contiguous(), idx, shape, 2), "channels"
+    if kind == "outside":
+        idx = idx.clone()
+        idx[0, 2] = shape[1]
+        return spconv.SparseConvTensor(f, idx, shape, 2), "outside spatial_shape"
+    if kind == "negative":
+        idx = idx.clone()
+        idx[0, 3] = -1
+        return spconv.SparseConvTensor(f, idx, shape, 2), "negative"
+    if kind == "duplicate":
+        idx = idx.clone()
+        idx[1] = idx[0]
+        return spconv.SparseConvTensor(f, idx, shape, 2), "duplicate"
+    if kind == "batch_size":
+        return spconv.SparseConvTensor(f, idx, shape, 1), "batch_size"
+    if kind == "rows":
+        return spconv.SparseConvTensor(f[:-1].contiguous(), idx, shape, 2), "indices must be"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["ndim", "channels", "outside", "negative", "duplicate", "batch_size", "rows"])
+def test_bad_single_input(kind):
+    tower = DynamicTower(8, 1, ndim=3, num_levels=1, gn_groups=2)
+    x, message = _bad(kind)
+    with pytest.raises(ValueError, match=message):
+        forward_sparse(tower, x)
+
+
+def test_bad_pyramids():
+    tower = DynamicTower(8, 1, ndim=3, num_levels=2, gn_groups=2)
+    xs = _tensors(_masks(2), 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="2 levels, got 1"):
+        forward_sparse(tower, xs[:1])
+    with pytest.raises(ValueError, match="pass a list"):
+        forward_sparse(tower, xs[0])
+    wrong = spconv.SparseConvTensor(xs[1].features, xs[1].indices, [7, 5, 4], 2)
+    with pytest.raises(ValueError, match="half the size"):
+        forward_sparse(tower, [xs[0], wrong])
+    other = spconv.SparseConvTensor(xs[1].features, xs[1].indices, xs[1].spatial_shape, 3)
+    with pytest.raises(ValueError, match="batch_size"):
+        forward_sparse(tower, [xs[0], other])
+    with pytest.raises(TypeError):
+        forward_sparse(tower, [x.dense() for x in xs])
+    with pytest.raises(ValueError, match="float64 but the tower's weights are torch.float32"):
+        forward_sparse(tower, [x.replace_feature(x.features.double()) for x in xs])
