@@ -1,0 +1,139 @@
+"""Atomic file writes, training checkpoints (with RNG states) and model-weight loading."""
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "atomic_save",
+    "atomic_write_text",
+    "atomic_write_json",
+    "get_rng_state",
+    "set_rng_state",
+    "read_checkpoint",
+    "load_model_weights",
+    "unwrap",
+]
+
+PathLike = Union[str, os.PathLike]
+
+
+def _atomic_write(path: PathLike, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_save(obj: Any, path: PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``.
+
+    A failure (or kill) during the write leaves any previous ``path`` untouched.
+    """
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: PathLike) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_write_json(obj: Any, path: PathLike) -> None:
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+
+
+def get_rng_state() -> Dict[str, Any]:
+    """Python, numpy and torch (CPU and CUDA) generator states, in a form ``weights_only`` loads."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_checkpoint(path: PathLike) -> Dict[str, Any]:
+    """Load a checkpoint written by the trainer (or a bare state dict) on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or ``model`` itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def _fmt(keys, limit: int = 10) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def load_model_weights(
+    model: nn.Module, source: Union[PathLike, Dict[str, Any]], name: Optional[str] = None
+) -> None:
+    """Load detector weights strictly; a mismatch raises ``ValueError`` naming the keys.
+
+    ``source`` is a path or an already-loaded object: a trainer checkpoint (``{"model": ...}``) or a
+    bare state dict. A ``module.`` prefix from DistributedDataParallel is removed.
+    """
+    name = name or str(source)
+    obj = read_checkpoint(source) if not isinstance(source, dict) else source
+    state = obj.get("model", obj) if isinstance(obj, dict) else obj
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{name} does not hold model weights (a state dict of tensors or {{'model': ...}})")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    missing = set(own) - set(state)
+    unexpected = set(state) - set(own)
+    shapes = {k for k in set(own) & set(state) if own[k].shape != state[k].shape}
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_fmt(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_fmt(unexpected)}")
+        if shapes:
+            parts.append(
+                "shape mismatch: "
+                + _fmt(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shapes)
+            )
+        raise ValueError(
+            f"{name} does not match the configured model (another architecture or config?): "
+            + "; ".join(parts)
+        )
+    model.load_state_dict(state)

@@ -1,0 +1,98 @@
+"""Command-line entry points behind ``tools/train.py`` and ``tools/eval.py``."""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from omegaconf import DictConfig
+
+from sparsehead.config import ConfigError, load_config
+
+from .checkpoint import atomic_write_json, load_model_weights
+from .data import build_test_loader
+from .distributed import destroy_distributed, init_distributed, resolve_device, set_num_threads
+from .evaluation import evaluate, format_summary
+from .logger import setup_logging
+from .trainer import METRICS, RunError, Trainer, build_datasets, prepare_data
+
+__all__ = ["train_main", "eval_main", "run_evaluation"]
+
+logger = logging.getLogger("sparsehead")
+
+# Errors whose message is the whole story: print it and exit 1, no traceback.
+_USER_ERRORS = (ConfigError, RunError, FileNotFoundError, ValueError, FloatingPointError)
+
+
+def _fail(err: BaseException) -> "SystemExit":
+    logging.getLogger("sparsehead").error("%s", err)
+    return SystemExit(f"error: {err}")
+
+
+def train_main(argv: Optional[List[str]] = None) -> Dict[str, float]:
+    """``train.py CONFIG [key=value ...] [--resume]``."""
+    parser = argparse.ArgumentParser(
+        prog="train.py", description="Train an FCOS detector with a plain, fixed or dynamic head."
+    )
+    parser.add_argument("config", help="YAML config file (e.g. configs/demo.yaml)")
+    parser.add_argument("overrides", nargs="*", help="config overrides as dotted.key=value")
+    parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint.pth")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        return Trainer(cfg, resume=args.resume).run()
+    except _USER_ERRORS as e:
+        raise _fail(e) from None
+    finally:
+        destroy_distributed()
+
+
+def run_evaluation(cfg: DictConfig, weights: str) -> Dict[str, float]:
+    """Evaluate ``weights`` on ``cfg.data.val``; rank 0 writes ``output_dir/metrics.json``."""
+    from sparsehead.data import collate_fn
+    from sparsehead.modeling.build import build_model
+
+    set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    rank, world, device = init_distributed(device)
+    out = Path(cfg.output_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    setup_logging(str(out), rank)
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"--weights file not found: {weights}")
+    prepare_data(cfg, rank)
+    val_set = build_datasets(cfg, train=False)["val"]
+    model = build_model(cfg)
+    load_model_weights(model, weights)
+    model.to(device).eval()
+    loader = build_test_loader(val_set, collate_fn, cfg.test.ims_per_batch, cfg.data.num_workers, rank, world)
+    logger.info("Evaluating %s on %s (%d images)", weights, cfg.data.val.ann_file, len(val_set))
+    metrics = evaluate(model, loader, val_set, device)
+    if rank == 0:
+        atomic_write_json(metrics, out / METRICS)
+        print(f"[sparsehead] {out / METRICS}: {format_summary(metrics)}", flush=True)
+    return metrics
+
+
+def eval_main(argv: Optional[List[str]] = None) -> Dict[str, float]:
+    """``eval.py CONFIG --weights CKPT [key=value ...]``."""
+    parser = argparse.ArgumentParser(
+        prog="eval.py", description="Evaluate a detector: COCO AP and head GMACs."
+    )
+    parser.add_argument("config", help="YAML config file the weights were trained with")
+    parser.add_argument("overrides", nargs="*", help="config overrides as dotted.key=value")
+    parser.add_argument("--weights", required=True, help="checkpoint.pth / model_final.pth or a state dict")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        return run_evaluation(cfg, args.weights)
+    except _USER_ERRORS as e:
+        raise _fail(e) from None
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(train_main())
