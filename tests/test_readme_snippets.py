@@ -1,7 +1,4 @@
-"""The python blocks of "Use the sparse paths in your detector" run as written.
-
-They are read from README.md when it has that section, else from docs/reuse.md.
-"""
+"""The python blocks of the README's "Use the sparse paths in your detector" run as written."""
 from __future__ import annotations
 
 import re
@@ -14,7 +11,7 @@ HEADING = "## Use the sparse paths in your detector"
 
 
 def _section() -> tuple[str, str]:
-    for path in (ROOT / "README.md", ROOT / "docs" / "reuse.md"):
+    for path in (ROOT / "README.md",):
         if path.exists():
             text = path.read_text(encoding="utf-8")
             lines = text.splitlines()
@@ -27,7 +24,7 @@ def _section() -> tuple[str, str]:
                         end = i
                         break
                 return path.name, "\n".join(lines[start:end])
-    raise AssertionError(f"no {HEADING!r} section in README.md or docs/reuse.md")
+    raise AssertionError(f"no {HEADING!r} section in README.md")
 
 
 def _blocks() -> list[str]:

@@ -21,7 +21,8 @@ __all__ = ["ConfigError", "DEFAULT_CONFIG", "load_config", "parse_overrides", "v
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 _BASE_KEY = "_base_"
-_HEAD_KINDS = ("fcos", "fixed", "dynamic")
+_HEAD_KINDS = ("plain", "fixed", "dynamic")
+_ARCHS = ("fcos", "retinanet")
 _EXECUTIONS = ("dense", "sparse", "auto")
 _GATE_ACTIVATIONS = ("geretanh", "retanh", "sigmoid")
 _DEPTHS = (18, 34, 50)
@@ -108,6 +109,7 @@ def load_config(
     overrides = parse_overrides(overrides)
     for item in overrides:
         key, _, value = item.partition("=")
+        value = value or "''"  # ``key=`` sets an empty string, as in a shell
         try:
             parsed = OmegaConf.from_dotlist([f"{key}={value}"])
         except OmegaConfBaseException as e:
@@ -140,6 +142,12 @@ def _check(cond: bool, key: str, msg: str) -> None:
 def validate_config(cfg: DictConfig) -> None:
     """Check value ranges and choices that the schema's types cannot express."""
     m, s = cfg.model, cfg.solver
+    _check(m.arch in _ARCHS, "model.arch", f"{m.arch!r} not in {_ARCHS}")
+    _check(
+        len(m.anchor_sizes) == 5 and all(a > 0 for a in m.anchor_sizes),
+        "model.anchor_sizes",
+        f"needs 5 positive sizes (P3..P7), got {list(m.anchor_sizes)}",
+    )
     _check(m.head.kind in _HEAD_KINDS, "model.head.kind", f"{m.head.kind!r} not in {_HEAD_KINDS}")
     _check(
         m.head.execution in _EXECUTIONS, "model.head.execution", f"{m.head.execution!r} not in {_EXECUTIONS}"
@@ -163,6 +171,12 @@ def validate_config(cfg: DictConfig) -> None:
         "model.head.gn_groups",
         f"{m.head.gn_groups} does not divide model.backbone.fpn_channels={m.backbone.fpn_channels}",
     )
+    if m.arch == "fcos" and m.head.kind == "plain":
+        _check(
+            m.backbone.fpn_channels % 32 == 0,
+            "model.backbone.fpn_channels",
+            f"torchvision's FCOS head uses GroupNorm(32) and needs a multiple of 32, got {m.backbone.fpn_channels}",
+        )
     _check(m.head.num_routers > 0, "model.head.num_routers", "must be positive")
     _check(m.head.num_convs > 0, "model.head.num_convs", "must be positive")
     _check(0.0 < m.head.gate_init < 1.0, "model.head.gate_init", "must be in (0, 1)")

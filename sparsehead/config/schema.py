@@ -33,10 +33,11 @@ class BackboneConfig:
 
 @dataclass
 class HeadConfig:
-    """Detection head. ``kind``: fcos (plain, "D2") | fixed (routers, no gates) | dynamic."""
+    """Detection head. ``kind``: plain (the detector's own torchvision head; FCOS's is the paper's "D2")
+    | fixed (routers, no gates) | dynamic (gated routers)."""
 
     kind: str = "dynamic"
-    num_convs: int = 4  # plain head only
+    num_convs: int = 4  # plain FCOS head only (torchvision's RetinaNet head always has 4)
     num_routers: int = 4
     tau: float = 1.5
     gate_activation: str = "geretanh"
@@ -50,12 +51,14 @@ class HeadConfig:
 
 @dataclass
 class ModelConfig:
+    arch: str = "fcos"  # fcos | retinanet (torchvision's detector the head plugs into)
     num_classes: int = 80
     min_size: int = 800
     max_size: int = 1333
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
-    center_sampling_radius: float = 1.5
+    center_sampling_radius: float = 1.5  # fcos only
+    anchor_sizes: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # retinanet, P3..P7
     score_thresh: float = 0.05
     nms_thresh: float = 0.6
     detections_per_img: int = 100

@@ -33,7 +33,7 @@ def _fail(err: BaseException) -> "SystemExit":
 def train_main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     """``train.py CONFIG [key=value ...] [--resume]``."""
     parser = argparse.ArgumentParser(
-        prog="train.py", description="Train an FCOS detector with a plain, fixed or dynamic head."
+        prog="train.py", description="Train an FCOS or RetinaNet detector with a plain, fixed or dynamic head."
     )
     parser.add_argument("config", help="YAML config file (e.g. configs/demo.yaml)")
     parser.add_argument("overrides", nargs="*", help="config overrides as dotted.key=value")
@@ -53,6 +53,8 @@ def run_evaluation(cfg: DictConfig, weights: str) -> Dict[str, float]:
     from sparsehead.data import collate_fn
     from sparsehead.modeling.build import build_model
 
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"--weights file not found: {weights}")
     set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     rank, world, device = init_distributed(device)
@@ -60,8 +62,6 @@ def run_evaluation(cfg: DictConfig, weights: str) -> Dict[str, float]:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     setup_logging(str(out), rank)
-    if not Path(weights).is_file():
-        raise FileNotFoundError(f"--weights file not found: {weights}")
     prepare_data(cfg, rank)
     val_set = build_datasets(cfg, train=False)["val"]
     model = build_model(cfg)

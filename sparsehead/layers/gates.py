@@ -7,12 +7,16 @@ Softmax gates of the paper's ablation never do, so with them every pixel stays a
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GeReTanH", "SigmoidGate", "SoftmaxGate", "SpatialGate", "build_gate_activation", "GATE_ACTIVATIONS"]
+__all__ = [
+    "GeReTanH", "SigmoidGate", "SoftmaxGate", "SpatialGate", "apply_gates", "build_gate_activation",
+    "GATE_ACTIVATIONS",
+]
 
 
 class GeReTanH(nn.Module):
@@ -144,17 +148,39 @@ class SpatialGate(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-activation gate logits, (N, num_groups, *spatial)."""
-        out = self.conv(x)
-        if self.coarse:
-            out = out.mean(dim=tuple(range(2, out.dim())), keepdim=True)
-        return out
+        return self._pool(self.conv(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.logits(x))
+    def _pool(self, conv_out: torch.Tensor) -> torch.Tensor:
+        if self.coarse:
+            return conv_out.mean(dim=tuple(range(2, conv_out.dim())), keepdim=True)
+        return conv_out
+
+    def activate(self, conv_out: torch.Tensor) -> torch.Tensor:
+        """Gates from this gate's conv output (N, num_groups, *spatial)."""
+        return self.activation(self._pool(conv_out))
+
+    def forward(self, x: torch.Tensor, conv_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Gates (N, num_groups, *spatial) of ``x``; ``conv_out`` is ``self.conv(x)`` when the caller has
+        computed it already (see :func:`apply_gates`)."""
+        return self.activate(self.conv(x) if conv_out is None else conv_out)
 
     def macs_per_pixel(self) -> int:
         """Multiply-accumulates of the gate conv at one pixel."""
         return self.channels * self.num_groups * 3**self.ndim
+
+
+def apply_gates(gates: Sequence[SpatialGate], x: torch.Tensor) -> list[torch.Tensor]:
+    """``[gate(x) for gate in gates]`` with one convolution for all of them (same input ``x``).
+
+    The gate convs read the whole map: stacking their weights reads it once instead of once per gate.
+    """
+    if len(gates) <= 1:
+        return [g(x) for g in gates]
+    conv = F.conv2d if x.dim() == 4 else F.conv3d
+    weight = torch.cat([g.conv.weight for g in gates])
+    bias = torch.cat([g.conv.bias for g in gates])
+    out = conv(x, weight, bias, padding=1).split([g.num_groups for g in gates], dim=1)
+    return [g(x, conv_out=o) for g, o in zip(gates, out)]  # through __call__: hooks see every gate
 
 
 def gate_mask(gate: torch.Tensor) -> torch.Tensor:

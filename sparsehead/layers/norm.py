@@ -55,24 +55,34 @@ class MaskedGroupNorm(nn.Module):
         """Normalise rows (R, C) of ``batch_size`` images; ``batch`` (R,) int64 is each row's image.
 
         Statistics cover the rows where ``mask`` (R,) bool is True (all rows when None); every row is
-        normalised with its image's statistics.
+        normalised with its image's statistics, folded into one scale and shift per image and channel.
         """
         r, c = rows.shape
+        stats_rows, stats_batch = (rows, batch) if mask is None else (rows[mask], batch[mask])
+        mean, var = self._row_stats(stats_rows, stats_batch, batch_size)  # (N, G) each
+        scale = torch.rsqrt(var + self.eps).repeat_interleave(c // self.num_groups, dim=1) * self.weight
+        shift = self.bias - mean.repeat_interleave(c // self.num_groups, dim=1) * scale  # (N, C)
+        if batch_size == 1:
+            return torch.addcmul(shift, rows, scale)
+        return torch.addcmul(shift.index_select(0, batch), rows, scale.index_select(0, batch))
+
+    def _row_stats(self, rows: torch.Tensor, batch: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image and group: mean and (biased) variance of ``rows`` (R, C); zeros for an image with no rows."""
         g = self.num_groups
-        xs = rows.reshape(r, g, c // g)
-        if mask is None:
-            w = rows.new_ones(r)
-        else:
-            w = mask.to(rows.dtype)
-        count = torch.zeros(batch_size, dtype=rows.dtype, device=rows.device).index_add_(0, batch, w)
-        count = (count * (c // g)).clamp_min(1.0)[:, None]  # (N, 1)
-        sums = rows.new_zeros(batch_size, g).index_add(0, batch, xs.sum(dim=2) * w[:, None])
-        mean = sums / count  # (N, G)
-        centred = xs - mean[batch][:, :, None]
-        sq = centred.square().sum(dim=2) * w[:, None]
-        var = rows.new_zeros(batch_size, g).index_add(0, batch, sq) / count
-        out = centred * torch.rsqrt(var + self.eps)[batch][:, :, None]
-        return out.reshape(r, c) * self.weight + self.bias
+        xs = rows.reshape(rows.shape[0], g, rows.shape[1] // g)
+        if batch_size == 1:
+            if rows.shape[0] == 0:
+                return rows.new_zeros(1, g), rows.new_zeros(1, g)
+            var, mean = torch.var_mean(xs, dim=(0, 2), correction=0)
+            return mean[None], var[None]
+        count = torch.zeros(batch_size, dtype=rows.dtype, device=rows.device).index_add_(
+            0, batch, rows.new_ones(rows.shape[0])
+        )
+        count = (count * xs.shape[2]).clamp_min(1.0)[:, None]  # (N, 1)
+        mean = rows.new_zeros(batch_size, g).index_add(0, batch, xs.sum(dim=2)) / count
+        centred = xs - mean.index_select(0, batch)[:, :, None]
+        var = rows.new_zeros(batch_size, g).index_add(0, batch, centred.square().sum(dim=2)) / count
+        return mean, var
 
     def macs_per_pixel(self) -> int:
         """One multiply-add per element once the statistics are folded into scale and shift."""

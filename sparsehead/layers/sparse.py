@@ -146,8 +146,8 @@ def depthwise_conv_rows(
         (R, C): the same values ``F.conv2d(x, weight, padding=1, groups=C)`` has at those pixels.
     """
     ndim = len(spatial_shape)
-    c = rows.shape[1]
-    if indices.shape[0] == 0:
+    r, c = indices.shape[0], rows.shape[1]
+    if r == 0:
         return rows.new_zeros(0, c)
     offsets = kernel_offsets(ndim, weight.shape[-1]).to(indices.device)  # (K, ndim)
     coords = indices[:, None, 1:].long() + offsets[None]  # (R, K, ndim)
@@ -156,9 +156,17 @@ def depthwise_conv_rows(
     flat = indices[:, 0].long()[:, None].expand_as(valid)
     for d in range(ndim):
         flat = flat * spatial_shape[d] + coords[..., d].clamp(0, spatial_shape[d] - 1)
-    neighbours = rows.index_select(0, flat.reshape(-1)).view(*valid.shape, c)  # (R, K, C)
     w = weight.reshape(c, -1).t()  # (K, C)
-    return (neighbours * valid[..., None].to(rows.dtype) * w).sum(dim=1)
+    # One offset at a time: out += w_k * rows[neighbour_k]; a clamped out-of-grid neighbour is added,
+    # then taken out again below (zero padding), so no (R, K, C) tensor is ever built.
+    out = rows.new_zeros(r, c)
+    for k in range(w.shape[0]):
+        out.addcmul_(rows.index_select(0, flat[:, k]), w[k])
+    outside = (~valid).nonzero()  # (M, 2): (row, offset) pairs that read padding
+    if outside.shape[0]:
+        row, k = outside[:, 0], outside[:, 1]
+        out.index_add_(0, row, rows.index_select(0, flat[row, k]) * w.index_select(0, k), alpha=-1)
+    return out
 
 
 def neighbour_rulebook(

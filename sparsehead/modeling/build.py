@@ -1,20 +1,28 @@
-"""The one place where a config becomes modules: ``build_model(cfg)`` returns a torchvision FCOS."""
+"""The one place where a config becomes modules: ``build_model(cfg)`` returns a torchvision detector.
 
-from typing import Any
+``model.arch`` picks torchvision's ``FCOS`` or ``RetinaNet``; ``model.head.kind`` picks the head that is
+passed in as its ``head=``: ``plain`` (torchvision's own head, recording its cost), ``fixed`` (routers
+without gates) or ``dynamic`` (gated routers).
+"""
+
+from typing import Any, Union
 
 from torch import nn
-from torchvision.models.detection import FCOS
+from torchvision.models.detection import FCOS, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from .backbone import build_resnet_fpn_backbone
 
-__all__ = ["build_backbone", "build_head", "build_model"]
+__all__ = ["build_anchor_generator", "build_backbone", "build_head", "build_model"]
 
-# FCOS predicts one box per location.
-NUM_ANCHORS = 1
+# FCOS predicts one box per location; RetinaNet three scales times three aspect ratios.
+FCOS_ANCHORS = 1
+RETINANET_SCALES = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
+RETINANET_RATIOS = (0.5, 1.0, 2.0)
 
 
 def build_backbone(cfg: Any) -> nn.Module:
-    """ResNet-FPN backbone from ``cfg.model.backbone``."""
+    """ResNet-FPN backbone (P3–P7) from ``cfg.model.backbone``."""
     b = cfg.model.backbone
     return build_resnet_fpn_backbone(
         depth=b.depth,
@@ -25,17 +33,28 @@ def build_backbone(cfg: Any) -> nn.Module:
     )
 
 
-def build_head(cfg: Any, in_channels: int) -> nn.Module:
-    """Detection head from ``cfg.model.head``: fcos -> plain head, fixed/dynamic -> routers."""
-    from .heads import FCOSDynamicHead, FCOSPlainHead
+def build_anchor_generator(anchor_sizes: list[int]) -> AnchorGenerator:
+    """RetinaNet's anchors: per level, three scales of its base size and three aspect ratios."""
+    sizes = tuple(tuple(int(a * s) for s in RETINANET_SCALES) for a in anchor_sizes)
+    return AnchorGenerator(sizes, (RETINANET_RATIOS,) * len(sizes))
 
-    h, num_classes = cfg.model.head, cfg.model.num_classes
-    if h.kind == "fcos":
-        return FCOSPlainHead(in_channels, NUM_ANCHORS, num_classes, num_convs=h.num_convs)
+
+def build_head(cfg: Any, in_channels: int, num_anchors: int = FCOS_ANCHORS) -> nn.Module:
+    """Detection head for ``cfg.model.arch`` from ``cfg.model.head``."""
+    from .heads import FCOSDynamicHead, FCOSPlainHead, RetinaNetDynamicHead, RetinaNetPlainHead
+
+    m = cfg.model
+    h, num_classes = m.head, m.num_classes
+    retinanet = m.arch == "retinanet"
+    if h.kind == "plain":
+        if retinanet:
+            return RetinaNetPlainHead(in_channels, num_anchors, num_classes)
+        return FCOSPlainHead(in_channels, num_anchors, num_classes, num_convs=h.num_convs)
     if h.kind in ("fixed", "dynamic"):
-        return FCOSDynamicHead(
+        head_cls = RetinaNetDynamicHead if retinanet else FCOSDynamicHead
+        return head_cls(
             in_channels,
-            NUM_ANCHORS,
+            num_anchors,
             num_classes,
             num_routers=h.num_routers,
             gated=h.kind == "dynamic",
@@ -47,23 +66,27 @@ def build_head(cfg: Any, in_channels: int) -> nn.Module:
             gn_groups=h.gn_groups,
             prior_prob=h.prior_prob,
         )
-    raise ValueError(f"unknown model.head.kind {h.kind!r}; choose fcos, fixed or dynamic")
+    raise ValueError(f"unknown model.head.kind {h.kind!r}; choose plain, fixed or dynamic")
 
 
-def build_model(cfg: Any) -> FCOS:
-    """torchvision ``FCOS`` with the configured backbone, head and post-processing."""
+def build_model(cfg: Any) -> Union[FCOS, RetinaNet]:
+    """torchvision ``FCOS`` or ``RetinaNet`` with the configured backbone, head and post-processing."""
     m = cfg.model
     backbone = build_backbone(cfg)
-    head = build_head(cfg, backbone.out_channels)
-    return FCOS(
-        backbone,
+    common = dict(
         num_classes=m.num_classes,
         min_size=m.min_size,
         max_size=m.max_size,
-        center_sampling_radius=m.center_sampling_radius,
         score_thresh=m.score_thresh,
         nms_thresh=m.nms_thresh,
         detections_per_img=m.detections_per_img,
         topk_candidates=m.topk_candidates,
-        head=head,
     )
+    if m.arch == "retinanet":
+        anchors = build_anchor_generator(list(m.anchor_sizes))
+        head = build_head(cfg, backbone.out_channels, anchors.num_anchors_per_location()[0])
+        return RetinaNet(backbone, anchor_generator=anchors, head=head, **common)
+    if m.arch != "fcos":
+        raise ValueError(f"unknown model.arch {m.arch!r}; choose fcos or retinanet")
+    head = build_head(cfg, backbone.out_channels)
+    return FCOS(backbone, center_sampling_radius=m.center_sampling_radius, head=head, **common)

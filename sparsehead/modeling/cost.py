@@ -11,12 +11,13 @@ convs and ungated convs count with ``g = 1``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["Cost", "collect_cost", "dense_cost"]
+__all__ = ["Cost", "collect_cost", "conv_macs_per_pixel", "dense_cost"]
 
 
 @dataclass
@@ -61,6 +62,17 @@ def collect_cost(module: nn.Module) -> Cost:
     for cost in costs[1:]:
         total = total + cost
     return total
+
+
+def conv_macs_per_pixel(module: nn.Module) -> int:
+    """MACs per output pixel of every 2D conv (and one per channel for every GroupNorm) in ``module``."""
+    macs = 0
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            macs += m.in_channels * m.out_channels // m.groups * math.prod(m.kernel_size)
+        elif isinstance(m, nn.GroupNorm):
+            macs += m.num_channels
+    return macs
 
 
 def dense_cost(features: list[torch.Tensor] | tuple[torch.Tensor, ...], macs_per_pixel: int) -> Cost:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
-from ..layers.gates import SpatialGate, expand_gate, gate_mask, pool_gate
+from ..layers.gates import SpatialGate, apply_gates, expand_gate, gate_mask, pool_gate
 from ..layers.norm import MaskedGroupNorm
 from ..layers.resample import downsample, downsample_rows, upsample, upsample_rows
 from ..layers.sparse import (
@@ -44,7 +44,6 @@ from ..layers.sparse import (
     depthwise_conv_rows,
     dilate,
     flat_index,
-    from_rows,
     mask_indices,
     neighbour_rulebook,
     rulebook_conv,
@@ -73,6 +72,16 @@ def _full_gate(x: torch.Tensor, gate: SpatialGate | None) -> torch.Tensor:
         return x.new_ones((x.shape[0], 1) + tuple(x.shape[2:]))
     g = gate(x)
     return g.expand(-1, -1, *x.shape[2:]) if gate.coarse else g
+
+
+def _relu_with_rows(s: torch.Tensor, rows: torch.Tensor, flat: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``relu(s + h)`` at rows ``flat`` and ``relu(s)`` elsewhere, in one pass over the map.
+
+    ``s`` is channels-last (N, C, *spatial) and ``rows`` its :func:`to_rows` view; ``h`` (R, C).
+    """
+    out = s.clamp_min(0)  # its backward needs s, not out: out may be written in place
+    to_rows(out).index_copy_(0, flat, F.relu(rows.index_select(0, flat) + h))
+    return out
 
 
 def _count(mask: torch.Tensor) -> torch.Tensor:
@@ -211,8 +220,7 @@ class DepthPath(nn.Module):
             h = rulebook_conv(h, self.conv2.weight, book2, idx2.shape[0])
             h = self.norm2.forward_rows(h, idx2[:, 0].long(), n)
         with record_function("sparsehead.scatter"):
-            out = rows.index_add(0, flat2, h * expand_gate(to_rows(g).index_select(0, flat2), c))
-            return F.relu(from_rows(out, s.shape))
+            return _relu_with_rows(s, rows, flat2, h * expand_gate(to_rows(g).index_select(0, flat2), c))
 
     def _sparse_submanifold(
         self, s: torch.Tensor, g: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor
@@ -234,9 +242,9 @@ class DepthPath(nn.Module):
             h2 = self.norm2.forward_rows(h.features, batch, n, in_inner)
         with record_function("sparsehead.scatter"):
             keep = in_inner.nonzero()[:, 0]
-            gate_rows = expand_gate(to_rows(g).index_select(0, flat.index_select(0, keep)), c)
-            out = rows.index_add(0, flat.index_select(0, keep), h2.index_select(0, keep) * gate_rows)
-            return F.relu(from_rows(out, s.shape))
+            flat = flat.index_select(0, keep)
+            gate_rows = expand_gate(to_rows(g).index_select(0, flat), c)
+            return _relu_with_rows(s, rows, flat, h2.index_select(0, keep) * gate_rows)
 
 
 class Router(nn.Module):
@@ -318,6 +326,13 @@ class Router(nn.Module):
         full = torch.full((batch,), float(macs), device=device)
         return Cost(full, full.clone(), full.clone())
 
+    def _scale_gates(self, x: torch.Tensor, units: Sequence[ScaleUnit]) -> list[torch.Tensor]:
+        """Gates (N, G, *spatial) of the scale units that read ``x``; one conv for all when gated."""
+        if not self.gated:
+            return [_full_gate(x, None) for _ in units]
+        gates = apply_gates([u.gate for u in units], x)
+        return [g.expand(-1, -1, *x.shape[2:]) if u.gate.coarse else g for u, g in zip(units, gates)]
+
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         levels = len(features)
         n = features[0].shape[0]
@@ -331,11 +346,11 @@ class Router(nn.Module):
         dense_in: list[list[torch.Tensor]] = [[] for _ in range(levels)]
         rows_in: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(levels)]
         for src, x in enumerate(features):
-            for unit, dst in ((self.down, src + 1), (self.up, src - 1)):
-                if not 0 <= dst < levels:
-                    continue
-                with record_function("sparsehead.gate"):
-                    g, mask = unit.gate_and_mask(x)
+            units = [(u, dst) for u, dst in ((self.down, src + 1), (self.up, src - 1)) if 0 <= dst < levels]
+            with record_function("sparsehead.gate"):
+                gates = self._scale_gates(x, [u for u, _ in units])
+            for (unit, dst), g in zip(units, gates):
+                mask = gate_mask(g)
                 if self.keep_gates:
                     kept["down" if unit is self.down else "up"][src] = g.detach()
                 cost = cost + _path_cost([g], [mask], [unit.macs_per_pixel()])
@@ -362,8 +377,8 @@ class Router(nn.Module):
                 if rows_in[lvl]:
                     idx = torch.cat([i for i, _ in rows_in[lvl]])
                     rows = torch.cat([r for _, r in rows_in[lvl]]) * self.scale_weight
-                    flat = flat_index(idx, x.shape[2:])
-                    s = from_rows(to_rows(channels_last(s)).index_add(0, flat, rows), s.shape)
+                    s = channels_last(s)
+                    to_rows(s).index_add_(0, flat_index(idx, x.shape[2:]), rows)  # s is a fresh tensor
             with record_function("sparsehead.gate"):
                 g, inner, outer = self.depth.gate_and_masks(s)
             if self.keep_gates:

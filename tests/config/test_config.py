@@ -130,15 +130,41 @@ def test_demo_config():
     assert cfg.output_dir.endswith("output/demo")
 
 
+def test_demo_retinanet_config():
+    cfg = load_config(CONFIGS / "demo_retinanet.yaml")
+    demo = load_config(DEFAULT_CONFIG)
+    assert cfg.model.arch == "retinanet" and demo.model.arch == "fcos"
+    assert cfg.model.head == demo.model.head and cfg.solver == demo.solver and cfg.data == demo.data
+    assert cfg.output_dir.endswith("output/demo_retinanet")
+
+
+def test_empty_override_sets_empty_string(base_yaml):
+    cfg = load_config(base_yaml, ["model.backbone.weights="])
+    assert cfg.model.backbone.weights == ""
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("model.arch=ssd", "model.arch"), ("model.anchor_sizes=[32,64]", "model.anchor_sizes"),
+     ("model.backbone.fpn_channels=48", "model.backbone.fpn_channels")],
+)
+def test_model_choices_are_named(base_yaml, override, key):
+    overrides = [override] + (["model.head.kind=plain", "model.head.gn_groups=16"] if "fpn" in override else [])
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(base_yaml, overrides)
+
+
 @pytest.mark.parametrize(
     "name, kind, routers, lam",
-    [("fcos_R50_1x", "fcos", None, None), ("fix_D4_R50_1x", "fixed", 4, None),
+    [("fcos_R50_1x", "plain", None, None), ("fix_D4_R50_1x", "fixed", 4, None),
      ("fix_D8_R50_1x", "fixed", 8, None),
      ("dynamic_D4_lambda0.1_R50_1x", "dynamic", 4, 0.1), ("dynamic_D8_lambda0_R50_1x", "dynamic", 8, 0.0),
-     ("dynamic_D8_lambda0.1_R50_1x", "dynamic", 8, 0.1), ("dynamic_D8_lambda0.8_R50_1x", "dynamic", 8, 0.8)],
+     ("dynamic_D8_lambda0.1_R50_1x", "dynamic", 8, 0.1), ("dynamic_D8_lambda0.8_R50_1x", "dynamic", 8, 0.8),
+     ("retinanet_R50_1x", "plain", None, None), ("dynamic_retinanet_D8_lambda0.1_R50_1x", "dynamic", 8, 0.1)],
 )
 def test_paper_configs(name, kind, routers, lam):
     cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert cfg.model.arch == ("retinanet" if "retinanet" in name else "fcos")
     assert cfg.model.head.kind == kind
     if routers is not None:
         assert cfg.model.head.num_routers == routers

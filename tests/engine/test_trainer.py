@@ -45,7 +45,7 @@ def tiny_overrides(root: Path, out: Path, **extra) -> list:
         "model.backbone.fpn_channels": 32,
         "model.backbone.norm": "bn",
         "model.backbone.trainable_layers": 5,
-        "model.head.kind": "fcos",
+        "model.head.kind": "plain",
         "model.head.num_convs": 1,
         "model.head.num_routers": 1,
         "model.head.gn_groups": 8,
@@ -73,11 +73,12 @@ def read_log(out: Path) -> dict:
     return {r["iteration"]: r for r in recs if "eval" not in r}
 
 
-def test_loss_decreases(dataset_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch, kind", [("fcos", "plain"), ("retinanet", "dynamic")])
+def test_loss_decreases(dataset_root, tmp_path, monkeypatch, arch, kind):
     # The same 4 images every step (no flip): the loss has to go down.
     cfg = tiny_cfg(dataset_root, tmp_path / "run", **{
         "solver.max_iter": 12, "solver.ims_per_batch": 4, "data.synthetic.num_train": 8,
-        "data.flip_prob": 0.0, "solver.checkpoint_period": 100,
+        "data.flip_prob": 0.0, "solver.checkpoint_period": 100, "model.arch": arch, "model.head.kind": kind,
     })
     subset = [0, 1, 2, 3]
     orig = trainer_mod.build_train_loader

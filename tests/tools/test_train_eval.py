@@ -77,7 +77,7 @@ def test_train_then_eval_dynamic_sparse(tmp_path):
     # a checkpoint of another architecture is refused with the offending keys named
     bad = subprocess.run(
         [PY, str(REPO / "tools/eval.py"), str(REPO / "configs/demo.yaml"), "--weights",
-         str(out / "model_final.pth"), *overrides(tmp_path, **{"model.head.kind": "fcos"})],
+         str(out / "model_final.pth"), *overrides(tmp_path, **{"model.head.kind": "plain"})],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     assert bad.returncode != 0

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.fcos import FCOSHead
 
-from ..cost import collect_cost, dense_cost
+from ..cost import collect_cost, conv_macs_per_pixel, dense_cost
 from ..tower import DynamicTower, ExecutionMixin
 
 __all__ = ["FCOSDynamicHead", "FCOSPlainHead", "flatten_level"]
@@ -132,16 +132,7 @@ class FCOSPlainHead(FCOSHead):
         super().__init__(in_channels, num_anchors, num_classes, num_convs)
         self.last_cost = None
 
-    def _macs_per_pixel(self) -> int:
-        macs = 0
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                macs += module.in_channels * module.out_channels * math.prod(module.kernel_size)
-            elif isinstance(module, nn.GroupNorm):
-                macs += module.num_channels
-        return macs
-
     def forward(self, x: list[Tensor]) -> dict[str, Tensor]:
         out = super().forward(x)
-        self.last_cost = dense_cost(x, self._macs_per_pixel())
+        self.last_cost = dense_cost(x, conv_macs_per_pixel(self))
         return out

@@ -1,4 +1,6 @@
-"""RetinaNet head built on two dynamic towers: a drop-in ``head=`` for torchvision's RetinaNet.
+"""RetinaNet heads: two dynamic towers (gated or fixed), and torchvision's plain head with costs.
+
+Both are drop-in ``head=`` modules for :class:`torchvision.models.detection.RetinaNet`.
 
 ``forward`` returns exactly ``cls_logits`` (N, HWA, K) and ``bbox_regression`` (N, HWA, 4) (RetinaNet splits
 every returned tensor per level in eval mode); ``compute_loss`` is torchvision's (sigmoid focal loss and L1
@@ -18,11 +20,11 @@ from torchvision.models.detection.retinanet import (
     RetinaNetRegressionHead,
 )
 
-from ..cost import collect_cost, dense_cost
+from ..cost import collect_cost, conv_macs_per_pixel, dense_cost
 from ..tower import DynamicTower, ExecutionMixin
 from .fcos import flatten_level
 
-__all__ = ["RetinaNetDynamicHead"]
+__all__ = ["RetinaNetDynamicHead", "RetinaNetPlainHead"]
 
 
 class _ClassificationLoss(nn.Module):
@@ -140,3 +142,16 @@ class RetinaNetDynamicHead(ExecutionMixin, RetinaNetHead):
             cost = collect_cost(self.cls_tower) + collect_cost(self.reg_tower)
             losses["loss_budget"] = cost.budget_loss(self.budget_weight)
         return losses
+
+
+class RetinaNetPlainHead(RetinaNetHead):
+    """torchvision's RetinaNet head (four 3×3 convs per tower) that records its cost like the others."""
+
+    def __init__(self, in_channels: int, num_anchors: int, num_classes: int) -> None:
+        super().__init__(in_channels, num_anchors, num_classes)
+        self.last_cost = None
+
+    def forward(self, x: list[Tensor]) -> dict[str, Tensor]:
+        out = super().forward(x)
+        self.last_cost = dense_cost(x, conv_macs_per_pixel(self))
+        return out
