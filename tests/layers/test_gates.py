@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparsehead import GeReTanH, SpatialGate
-from sparsehead.layers.gates import SigmoidGate, SoftmaxGate, build_gate_activation
+from sparsehead.layers.gates import SigmoidGate, SoftmaxGate, apply_gates, build_gate_activation
 
 
 def test_geretanh_matches_formula_and_is_zero_for_nonpositive_inputs():
@@ -82,3 +82,26 @@ def test_bad_gate_arguments_are_rejected():
         SpatialGate(10, num_groups=3)
     with pytest.raises(ValueError, match="initial gate value"):
         SpatialGate(8, init_value=1.0)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_apply_gates_equals_each_gate_and_calls_its_hooks(ndim):
+    torch.manual_seed(0)
+    gates = [
+        SpatialGate(8, 1, ndim),
+        SpatialGate(8, 2, ndim, activation="sigmoid"),
+        SpatialGate(8, 1, ndim, coarse=True),
+    ]
+    for g in gates:
+        torch.nn.init.normal_(g.conv.weight)
+    seen = []
+    for g in gates:
+        g.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(2, 8, *([5] * ndim), dtype=torch.float32)
+    fused = apply_gates(gates, x)
+    separate = [g(x) for g in gates]
+    assert len(seen) == 6  # every gate's module was called both times
+    for a, b in zip(fused, separate):
+        assert a.shape == b.shape
+        assert torch.allclose(a, b, atol=1e-6)
+    assert apply_gates([], x) == []

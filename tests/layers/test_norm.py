@@ -32,17 +32,39 @@ def test_statistics_cover_only_masked_pixels():
     assert torch.allclose(masked.var(dim=1, unbiased=False), torch.ones(2), atol=1e-3)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
-def test_rows_match_dense(density):
+def test_rows_match_dense(density, batch):
     torch.manual_seed(0)
-    x = torch.randn(3, 8, 7, 5)
-    mask = torch.rand(3, 1, 7, 5) < density
-    mask[1] = False  # an image with nothing active
+    x = torch.randn(batch, 8, 7, 5)
+    mask = torch.rand(batch, 1, 7, 5) < density
+    if batch > 1:
+        mask[1] = False  # an image with nothing active
     norm = MaskedGroupNorm(4, 8)
     torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
     dense = norm.forward_dense(x, mask)
     idx = mask_indices(mask)
     flat = flat_index(idx, (7, 5))
     rows = to_rows(channels_last(x)).index_select(0, flat)
-    sparse = norm.forward_rows(rows, idx[:, 0].long(), 3)
+    sparse = norm.forward_rows(rows, idx[:, 0].long(), batch)
     assert torch.allclose(sparse, to_rows(channels_last(dense)).index_select(0, flat), atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_rows_statistics_over_a_subset(batch):
+    # Rows outside ``mask`` are normalised but do not enter the statistics.
+    torch.manual_seed(1)
+    rows = torch.randn(20, 8, dtype=torch.float64)
+    image = torch.arange(20) % batch
+    image = image.sort().values
+    mask = torch.rand(20) < 0.6
+    norm = MaskedGroupNorm(2, 8).double()
+    out = norm.forward_rows(rows, image, batch, mask)
+    for b in range(batch):
+        sel = (image == b) & mask
+        xs = rows[sel].reshape(-1, 2, 4)
+        mean = xs.mean(dim=(0, 2))
+        var = xs.var(dim=(0, 2), unbiased=False)
+        want = (rows[image == b].reshape(-1, 2, 4) - mean[:, None]) / torch.sqrt(var[:, None] + norm.eps)
+        assert torch.allclose(out[image == b], want.reshape(-1, 8))
