@@ -22,14 +22,16 @@ import time
 from typing import Sequence
 
 import numpy as np
-import spconv.pytorch as spconv
 import torch
-from spconv.core import ConvAlgo
-from spconv.pytorch.utils import PointToVoxel
 from torch import nn
 
-from sparsehead import DynamicTower, SpatialGate, collect_cost
+from sparsehead import DynamicTower, SpatialGate, collect_cost  # first: it imports spconv without its warnings
 from sparsehead.modeling.sparse_input import forward_sparse
+
+# isort: split
+import spconv.pytorch as spconv
+from spconv.core import ConvAlgo
+from spconv.pytorch.utils import PointToVoxel
 
 VOXEL = 0.2
 RANGE = (-20.0, -20.0, -1.0, 20.0, 20.0, 3.0)  # x, y, z min then max, metres

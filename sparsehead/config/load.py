@@ -157,6 +157,7 @@ def validate_config(cfg: DictConfig) -> None:
         "model.head.train_execution",
         f"{m.head.train_execution!r} not in {('',) + _EXECUTIONS}",
     )
+    _check(m.head.norm in ("none", "gn"), "model.head.norm", f"{m.head.norm!r} not in ('none', 'gn')")
     _check(
         m.head.gate_activation in _GATE_ACTIVATIONS,
         "model.head.gate_activation",

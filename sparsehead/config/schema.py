@@ -38,6 +38,7 @@ class HeadConfig:
 
     kind: str = "dynamic"
     num_convs: int = 4  # plain FCOS head only (torchvision's RetinaNet head always has 4)
+    norm: str = "none"  # plain RetinaNet head only: none (torchvision's v1 head, the paper's baseline) | gn (v2)
     num_routers: int = 4
     tau: float = 1.5
     gate_activation: str = "geretanh"

@@ -6,6 +6,7 @@ Softmax gates of the paper's ablation never do, so with them every pixel stays a
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Sequence
 
@@ -15,7 +16,7 @@ from torch import nn
 
 __all__ = [
     "GeReTanH", "SigmoidGate", "SoftmaxGate", "SpatialGate", "apply_gates", "build_gate_activation",
-    "GATE_ACTIVATIONS",
+    "GATE_ACTIVATIONS", "gate_conv",
 ]
 
 
@@ -148,7 +149,7 @@ class SpatialGate(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-activation gate logits, (N, num_groups, *spatial)."""
-        return self._pool(self.conv(x))
+        return self._pool(gate_conv(x, self.conv.weight, self.conv.bias))
 
     def _pool(self, conv_out: torch.Tensor) -> torch.Tensor:
         if self.coarse:
@@ -162,7 +163,7 @@ class SpatialGate(nn.Module):
     def forward(self, x: torch.Tensor, conv_out: torch.Tensor | None = None) -> torch.Tensor:
         """Gates (N, num_groups, *spatial) of ``x``; ``conv_out`` is ``self.conv(x)`` when the caller has
         computed it already (see :func:`apply_gates`)."""
-        return self.activate(self.conv(x) if conv_out is None else conv_out)
+        return self.activate(gate_conv(x, self.conv.weight, self.conv.bias) if conv_out is None else conv_out)
 
     def macs_per_pixel(self) -> int:
         """Multiply-accumulates of the gate conv at one pixel."""
@@ -176,11 +177,33 @@ def apply_gates(gates: Sequence[SpatialGate], x: torch.Tensor) -> list[torch.Ten
     """
     if len(gates) <= 1:
         return [g(x) for g in gates]
-    conv = F.conv2d if x.dim() == 4 else F.conv3d
     weight = torch.cat([g.conv.weight for g in gates])
     bias = torch.cat([g.conv.bias for g in gates])
-    out = conv(x, weight, bias, padding=1).split([g.num_groups for g in gates], dim=1)
+    out = gate_conv(x, weight, bias).split([g.num_groups for g in gates], dim=1)
     return [g(x, conv_out=o) for g, o in zip(gates, out)]  # through __call__: hooks see every gate
+
+
+def gate_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """3×3 (3×3×3) convolution with padding 1 of ``x`` (N, C, *spatial) to few maps (N, G, *spatial).
+
+    ``weight`` is (G, C, 3, 3[, 3]). A gate conv has one or two output maps, a shape for which CPU
+    convolution kernels are memory-bound and slow; on CPU it runs as one matrix product of the pixels'
+    channel rows (P, C) with all taps' weights (C, 3^ndim · G), then sums the taps' outputs shifted into
+    place. The result equals ``conv2d``/``conv3d`` up to float rounding. Other devices use the conv.
+    """
+    ndim = x.dim() - 2
+    if x.device.type != "cpu":
+        return (F.conv2d if ndim == 2 else F.conv3d)(x, weight, bias, padding=1)
+    n, c, *size = x.shape
+    groups, taps = weight.shape[0], 3**ndim
+    w = weight.reshape(groups, c, taps).permute(1, 2, 0).reshape(c, taps * groups)
+    y = (x.movedim(1, -1).reshape(-1, c) @ w).view(n, *size, taps, groups)
+    y = F.pad(y.movedim((-2, -1), (1, 2)), (1, 1) * ndim)  # (N, taps, G, *(size + 2))
+    out = None
+    for tap, offset in enumerate(itertools.product(range(3), repeat=ndim)):
+        part = y[(slice(None), tap, slice(None)) + tuple(slice(o, o + s) for o, s in zip(offset, size))]
+        out = part.clone() if out is None else out.add_(part)
+    return out if bias is None else out.add_(bias.view(1, groups, *(1,) * ndim))
 
 
 def gate_mask(gate: torch.Tensor) -> torch.Tensor:

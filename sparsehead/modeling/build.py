@@ -48,7 +48,7 @@ def build_head(cfg: Any, in_channels: int, num_anchors: int = FCOS_ANCHORS) -> n
     retinanet = m.arch == "retinanet"
     if h.kind == "plain":
         if retinanet:
-            return RetinaNetPlainHead(in_channels, num_anchors, num_classes)
+            return RetinaNetPlainHead(in_channels, num_anchors, num_classes, norm=h.norm, gn_groups=h.gn_groups)
         return FCOSPlainHead(in_channels, num_anchors, num_classes, num_convs=h.num_convs)
     if h.kind in ("fixed", "dynamic"):
         head_cls = RetinaNetDynamicHead if retinanet else FCOSDynamicHead

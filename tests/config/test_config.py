@@ -134,6 +134,8 @@ def test_demo_retinanet_config():
     cfg = load_config(CONFIGS / "demo_retinanet.yaml")
     demo = load_config(DEFAULT_CONFIG)
     assert cfg.model.arch == "retinanet" and demo.model.arch == "fcos"
+    assert cfg.model.head.norm == "gn" and demo.model.head.norm == "none"  # only the plain head's towers differ
+    cfg.model.head.norm = "none"
     assert cfg.model.head == demo.model.head and cfg.solver == demo.solver and cfg.data == demo.data
     assert cfg.output_dir.endswith("output/demo_retinanet")
 
@@ -146,7 +148,7 @@ def test_empty_override_sets_empty_string(base_yaml):
 @pytest.mark.parametrize(
     "override, key",
     [("model.arch=ssd", "model.arch"), ("model.anchor_sizes=[32,64]", "model.anchor_sizes"),
-     ("model.backbone.fpn_channels=48", "model.backbone.fpn_channels")],
+     ("model.backbone.fpn_channels=48", "model.backbone.fpn_channels"), ("model.head.norm=bn", "model.head.norm")],
 )
 def test_model_choices_are_named(base_yaml, override, key):
     overrides = [override] + (["model.head.kind=plain", "model.head.gn_groups=16"] if "fpn" in override else [])

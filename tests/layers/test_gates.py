@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparsehead import GeReTanH, SpatialGate
-from sparsehead.layers.gates import SigmoidGate, SoftmaxGate, apply_gates, build_gate_activation
+from sparsehead.layers.gates import SigmoidGate, SoftmaxGate, apply_gates, build_gate_activation, gate_conv
 
 
 def test_geretanh_matches_formula_and_is_zero_for_nonpositive_inputs():
@@ -105,3 +105,25 @@ def test_apply_gates_equals_each_gate_and_calls_its_hooks(ndim):
         assert a.shape == b.shape
         assert torch.allclose(a, b, atol=1e-6)
     assert apply_gates([], x) == []
+
+
+@pytest.mark.parametrize("ndim, size", [(2, (7, 5)), (3, (4, 5, 3))])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gate_conv_equals_torch_conv_forward_and_backward(ndim, size, channels_last, with_bias):
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, *size, dtype=torch.float64, requires_grad=True)
+    fmt = torch.channels_last if ndim == 2 else torch.channels_last_3d
+    xin = x.contiguous(memory_format=fmt) if channels_last else x
+    w = torch.randn(3, 8, *(3,) * ndim, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True) if with_bias else None
+    conv = torch.nn.functional.conv2d if ndim == 2 else torch.nn.functional.conv3d
+    expected, got = conv(xin, w, b, padding=1), gate_conv(xin, w, b)
+    assert got.shape == expected.shape == (2, 3, *size)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(expected)  # a loss that weighs every output differently
+    params = [t for t in (x, w, b) if t is not None]
+    grads_expected = torch.autograd.grad((expected * weights).sum(), params)
+    grads_got = torch.autograd.grad((got * weights).sum(), params)
+    for a, e in zip(grads_got, grads_expected):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)

@@ -7,7 +7,7 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from sparsehead import collect_cost
-from sparsehead.modeling.heads.retinanet import RetinaNetDynamicHead
+from sparsehead.modeling.heads.retinanet import RetinaNetDynamicHead, RetinaNetPlainHead
 
 ANCHORS = 9  # RetinaNet's default anchor generator: 3 sizes × 3 aspect ratios per location
 
@@ -85,3 +85,13 @@ def test_eval_returns_detections_and_modes_agree():
     with torch.no_grad():
         detections = model(images)
     assert len(detections) == 2 and set(detections[0]) == {"boxes", "scores", "labels"}
+
+
+@pytest.mark.parametrize("norm, groups", [("none", 0), ("gn", 8)])
+def test_plain_head_norm(norm, groups):
+    head = RetinaNetPlainHead(64, ANCHORS, 3, norm=norm, gn_groups=8)
+    norms = [m for m in head.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == (8 if groups else 0)  # 4 tower convs in each of the two branches
+    assert all(m.num_groups == groups for m in norms)
+    with pytest.raises(ValueError, match="norm"):
+        RetinaNetPlainHead(64, ANCHORS, 3, norm="bn")

@@ -9,6 +9,7 @@ box loss on the encoded deltas), plus ``loss_budget`` when the towers are gated.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Optional
 
 import torch
@@ -145,10 +146,22 @@ class RetinaNetDynamicHead(ExecutionMixin, RetinaNetHead):
 
 
 class RetinaNetPlainHead(RetinaNetHead):
-    """torchvision's RetinaNet head (four 3×3 convs per tower) that records its cost like the others."""
+    """torchvision's RetinaNet head (four 3×3 convs per tower) that records its cost like the others.
 
-    def __init__(self, in_channels: int, num_anchors: int, num_classes: int) -> None:
-        super().__init__(in_channels, num_anchors, num_classes)
+    Args:
+        norm: ``"none"``: no normalisation in the towers (torchvision's first RetinaNet head, detectron2's
+            and the paper's baseline); ``"gn"``: GroupNorm after each tower conv (torchvision's
+            ``retinanet_resnet50_fpn_v2`` head, like FCOS's and the dynamic heads).
+        gn_groups: GroupNorm groups when ``norm="gn"``.
+    """
+
+    def __init__(
+        self, in_channels: int, num_anchors: int, num_classes: int, norm: str = "none", gn_groups: int = 32
+    ) -> None:
+        if norm not in ("none", "gn"):
+            raise ValueError(f"norm must be 'none' or 'gn', got {norm!r}")
+        norm_layer = partial(nn.GroupNorm, gn_groups) if norm == "gn" else None
+        super().__init__(in_channels, num_anchors, num_classes, norm_layer=norm_layer)
         self.last_cost = None
 
     def forward(self, x: list[Tensor]) -> dict[str, Tensor]:
