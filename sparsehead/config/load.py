@@ -22,6 +22,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 _BASE_KEY = "_base_"
 _HEAD_KINDS = ("plain", "fixed", "dynamic")
+_HEAD_NORMS = ("none", "gn")
 _ARCHS = ("fcos", "retinanet")
 _EXECUTIONS = ("dense", "sparse", "auto")
 _GATE_ACTIVATIONS = ("geretanh", "retanh", "sigmoid")
@@ -157,7 +158,7 @@ def validate_config(cfg: DictConfig) -> None:
         "model.head.train_execution",
         f"{m.head.train_execution!r} not in {('',) + _EXECUTIONS}",
     )
-    _check(m.head.norm in ("none", "gn"), "model.head.norm", f"{m.head.norm!r} not in ('none', 'gn')")
+    _check(m.head.norm in _HEAD_NORMS, "model.head.norm", f"{m.head.norm!r} not in {_HEAD_NORMS}")
     _check(
         m.head.gate_activation in _GATE_ACTIVATIONS,
         "model.head.gate_activation",
