@@ -119,17 +119,19 @@ def apply_crossover(model: nn.Module, threshold: float) -> int:
     return count
 
 
-def find_crossover(fractions: Sequence[float], ratios: Sequence[float]) -> float:
-    """Active fraction where sparse time / dense time reaches 1, from a least-squares line through the points.
+def find_crossover(fractions: Sequence[float], ratios: Sequence[float], points: int = 3) -> float:
+    """Active fraction where sparse time / dense time reaches 1, from a least-squares line.
 
-    Sparse time grows about linearly with the active fraction while dense time stays flat, so the
-    ratio is fitted as ``a + b * fraction`` (robust to one noisy point, unlike interpolating the first
-    crossing) and ``(1 - a) / b`` is returned, clipped to [0, 1]: 1.0 when sparse wins everywhere,
-    0.0 when it loses everywhere.
+    The ratio is fitted as ``a + b * fraction`` through the ``points`` points with the highest fractions
+    (robust to one noisy point, unlike interpolating the first crossing) and ``(1 - a) / b`` is
+    returned, clipped to [0, 1]: 1.0 when sparse wins everywhere, 0.0 when it loses everywhere. Only
+    the top of the sweep is fitted because that is where the crossing lies and where the curve bends:
+    near full density the depth path's dilated pixel set saturates and sparse time rises faster.
     """
-    pts = [(float(f), float(r)) for f, r in zip(fractions, ratios) if math.isfinite(f) and math.isfinite(r)]
+    pts = sorted((float(f), float(r)) for f, r in zip(fractions, ratios) if math.isfinite(f) and math.isfinite(r))
     if not pts:
         raise ValueError("no finite points to find a crossover from")
+    pts = pts[-max(2, points):]
     n = len(pts)
     mx = sum(f for f, _ in pts) / n
     my = sum(r for _, r in pts) / n

@@ -6,7 +6,8 @@ Workloads (each module is built once and timed in all three modes):
 - ``head``: :class:`~sparsehead.modeling.heads.FCOSDynamicHead` (both towers + dense prediction convs).
 - ``detector``: torchvision FCOS with an R50-FPN backbone and the dynamic head (from a config).
 - ``router``: one :class:`~sparsehead.Router`.
-- ``conv``: one 3×3 C→C conv on P3: spconv ``SubMConv`` at the active pixels vs dense ``conv2d``.
+- ``conv``: one 3×3 C→C conv on P3: the depth path's sparse conv at the active pixels (CPU: gather-GEMM
+  on a neighbour table; CUDA: spconv ``SubMConv``) vs dense ``conv2d``.
 
 Gate patterns: ``blob`` (object-like blobs, swept active fraction), ``random`` (uniform pixels) and
 ``model`` (the gates a trained checkpoint produces on generated images).
@@ -41,7 +42,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
-from ..layers.sparse import SubMConv, channels_last, dilate, flat_index, mask_indices, to_rows
+from ..layers.sparse import (
+    SubMConv,
+    channels_last,
+    dilate,
+    flat_index,
+    gather_conv,
+    mask_indices,
+    neighbour_table,
+    to_rows,
+)
 from ..modeling.cost import collect_cost
 from ..modeling.router import Router
 from ..modeling.tower import DynamicTower, set_execution
@@ -65,8 +75,8 @@ ROW_KEYS = (
     "workload", "pattern", "density", "active", "routers", "batch", "channels", "image",
     "dense_ms", "sparse_ms", "auto_ms", "flops_ratio", "speedup", "efficiency", "auto_threshold",
 )
-DEFAULT_DENSITIES = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9)
-QUICK_DENSITIES = (0.05, 0.1, 0.2, 0.35, 0.5, 0.9)
+DEFAULT_DENSITIES = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9, 1.0)
+QUICK_DENSITIES = (0.05, 0.1, 0.2, 0.35, 0.5, 0.9, 1.0)
 QUICK_IMAGE = (256, 384)
 DETECTOR_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "dynamic_D4_lambda0.1_R50_1x.yaml"
 
@@ -206,10 +216,12 @@ def _cost_macs(model: nn.Module) -> tuple[float, float]:
 
 
 class ConvPair(nn.Module):
-    """One C→C 3×3 conv on one map: dense ``conv2d`` or spconv ``SubMConv`` at the masked pixels.
+    """One C→C 3×3 conv on one map: dense ``conv2d``, or the depth path's sparse conv at the masked pixels.
 
-    ``forward(x)`` with ``x`` (N, C, H, W) channels-last and ``self.mask`` (N, 1, H, W) bool. Sparse:
-    indices, row gather and the submanifold conv (rulebook included); the output stays as rows.
+    ``forward(x)`` with ``x`` (N, C, H, W) channels-last and ``self.mask`` (N, 1, H, W) bool. Sparse, as
+    the depth path runs it: on CPU :func:`gather_conv` reading the map's rows (neighbour table
+    included); on CUDA spconv ``SubMConv`` on the gathered rows (rulebook included). The output stays
+    as rows.
     """
 
     def __init__(self, channels: int) -> None:
@@ -235,10 +247,15 @@ class ConvPair(nn.Module):
                 return F.conv2d(x, self.conv.dense_weight(), padding=1)
         with record_function("sparsehead.gather"):
             idx = mask_indices(self.mask)
-            rows = to_rows(x).index_select(0, flat_index(idx, (h, w)))
-            t = spconv.SparseConvTensor(rows, idx, [h, w], n)
+            if x.is_cuda:
+                rows = to_rows(x).index_select(0, flat_index(idx, (h, w)))
+                t = spconv.SparseConvTensor(rows, idx, [h, w], n)
+            else:
+                table = neighbour_table(idx, (h, w))
         with record_function("sparsehead.depth_conv"):
-            return self.conv(t).features
+            if x.is_cuda:
+                return self.conv(t).features
+            return gather_conv(to_rows(x), self.conv.weight, table)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -752,7 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="trained checkpoint: enables the 'model' gate pattern")
     p.add_argument("--out", default="output/benchmark", help="output directory (default: output/benchmark)")
     p.add_argument("--quick", action="store_true",
-                   help="reduced sweep: tower D4 batch 1, blob 5-90%% + one random point, "
+                   help="reduced sweep: tower D4 batch 1, blob 5-100%% + one random point, "
                         f"image {QUICK_IMAGE[0]}x{QUICK_IMAGE[1]}, 3 repeats")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-profile", action="store_true", help="skip the per-stage profiled forward")

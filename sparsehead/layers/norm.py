@@ -73,8 +73,14 @@ class MaskedGroupNorm(nn.Module):
         if batch_size == 1:
             if rows.shape[0] == 0:
                 return rows.new_zeros(1, g), rows.new_zeros(1, g)
-            var, mean = torch.var_mean(xs, dim=(0, 2), correction=0)
-            return mean[None], var[None]
+            # One pass of column sums (several times faster than var_mean over (0, 2) on CPU), on data
+            # shifted by one of its own values per group so that E[x^2] - E[x]^2 does not cancel.
+            shift = xs[0, :, 0].detach()  # (G,); the variance does not depend on it
+            d = rows - shift.repeat_interleave(xs.shape[2])
+            count = float(xs.shape[0] * xs.shape[2])
+            m1 = d.sum(dim=0).view(g, -1).sum(dim=1) / count
+            m2 = d.square().sum(dim=0).view(g, -1).sum(dim=1) / count
+            return (m1 + shift)[None], (m2 - m1.square()).clamp_min(0)[None]
         count = torch.zeros(batch_size, dtype=rows.dtype, device=rows.device).index_add_(
             0, batch, rows.new_ones(rows.shape[0])
         )

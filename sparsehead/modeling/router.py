@@ -17,8 +17,9 @@ Execution modes, one set of weights:
 
 - ``dense``: every conv on the full maps, outputs multiplied by the gates (the reference).
 - ``sparse``: the gates are computed on the full maps (they are what decides), every gated path runs
-  only where it is active: the depth path as spconv submanifold convs sharing one rulebook, the scale
-  units as depthwise convs on gathered rows, resampled row-wise and added into the dense node sum.
+  only where it is active: the depth path as sparse convs at exactly the pixels it needs (CPU) or as
+  spconv submanifold convs sharing one rulebook (CUDA; see :class:`DepthPath`), the scale units as
+  depthwise convs on gathered rows, resampled row-wise and added into the dense node sum.
   Maps are kept channels-last so gathering and scattering rows needs no layout copy.
 - ``auto``: per level and path, ``sparse`` when the path's active fraction is at most
   ``auto_threshold``, else ``dense``.
@@ -44,9 +45,9 @@ from ..layers.sparse import (
     depthwise_conv_rows,
     dilate,
     flat_index,
+    gather_conv,
     mask_indices,
-    neighbour_rulebook,
-    rulebook_conv,
+    neighbour_table,
     to_rows,
 )
 from .cost import Cost
@@ -74,14 +75,25 @@ def _full_gate(x: torch.Tensor, gate: SpatialGate | None) -> torch.Tensor:
     return g.expand(-1, -1, *x.shape[2:]) if gate.coarse else g
 
 
-def _relu_with_rows(s: torch.Tensor, rows: torch.Tensor, flat: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def _relu_with_rows(
+    s: torch.Tensor, rows: torch.Tensor, flat: torch.Tensor, h: torch.Tensor, overwrite: bool = False
+) -> torch.Tensor:
     """``relu(s + h)`` at rows ``flat`` and ``relu(s)`` elsewhere, in one pass over the map.
 
-    ``s`` is channels-last (N, C, *spatial) and ``rows`` its :func:`to_rows` view; ``h`` (R, C).
+    ``s`` is channels-last (N, C, *spatial) and ``rows`` its :func:`to_rows` view; ``h`` (R, C). With
+    ``overwrite`` and no autograd through ``s``, the result is written into ``s`` (no new map).
     """
-    out = s.clamp_min(0)  # its backward needs s, not out: out may be written in place
-    to_rows(out).index_copy_(0, flat, F.relu(rows.index_select(0, flat) + h))
+    new = F.relu(rows.index_select(0, flat) + h)
+    out = _relu_map(s, overwrite)
+    to_rows(out).index_copy_(0, flat, new)
     return out
+
+
+def _relu_map(s: torch.Tensor, overwrite: bool) -> torch.Tensor:
+    """``relu(s)``, in place when ``overwrite`` and autograd does not need ``s``."""
+    if overwrite and not (torch.is_grad_enabled() and s.requires_grad):
+        return s.clamp_min_(0)
+    return s.clamp_min(0)  # its backward needs s, not the output: the output may be written in place
 
 
 def _count(mask: torch.Tensor) -> torch.Tensor:
@@ -151,8 +163,9 @@ class DepthPath(nn.Module):
     The convs hold spconv weights (C, *kernel, C); the dense mode runs them with torch's conv. The sparse
     mode has two implementations of the same function, chosen by ``rulebook``:
 
-    - ``exact`` (default on CPU): conv1 at dilate(D) reading the map's rows in place, conv2 at D, each on
-      its own rulebook through spconv's Native gather-GEMM-scatter. No pixel is computed in vain.
+    - ``exact`` (default on CPU): conv1 at dilate(D) reading the map's rows in place, conv2 at D, each a
+      GEMM over gathered neighbour rows (:func:`~sparsehead.layers.sparse.gather_conv`). No pixel is
+      computed in vain.
     - ``submanifold`` (default on CUDA, where spconv's implicit-GEMM kernels need their own rulebooks):
       both convs as spconv ``SubMConv`` on dilate(dilate(D)) sharing one rulebook; rows outside the
       conv's own set are computed, then ignored.
@@ -193,37 +206,45 @@ class DepthPath(nn.Module):
         h = self.norm2.forward_dense(h, inner)
         return F.relu(s + expand_gate(g, s.shape[1]) * h)
 
-    def sparse(self, s: torch.Tensor, g: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor) -> torch.Tensor:
-        """The depth path at its active pixels only; the rest of the map passes through ``relu``."""
+    def sparse(
+        self, s: torch.Tensor, g: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor, overwrite: bool = False
+    ) -> torch.Tensor:
+        """The depth path at its active pixels only; the rest of the map passes through ``relu``.
+
+        ``overwrite``: the caller owns ``s`` and will not read it again, so without autograd the output
+        may be written into it (saves allocating and faulting in one map per level).
+        """
         s = channels_last(s)
         if not bool(outer.any()):
-            return F.relu(s)
+            return _relu_map(s, overwrite)
         method = self.rulebook or ("submanifold" if s.is_cuda else "exact")
         if method == "exact":
-            return self._sparse_exact(s, g, inner, outer)
-        return self._sparse_submanifold(s, g, inner, outer)
+            return self._sparse_exact(s, g, inner, outer, overwrite)
+        return self._sparse_submanifold(s, g, inner, outer, overwrite)
 
-    def _sparse_exact(self, s: torch.Tensor, g: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor) -> torch.Tensor:
-        """conv1 exactly at dilate(D) reading the map's rows in place, conv2 exactly at D (CPU, Native)."""
+    def _sparse_exact(
+        self, s: torch.Tensor, g: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor, overwrite: bool
+    ) -> torch.Tensor:
+        """conv1 exactly at dilate(D) reading the map's rows in place, conv2 exactly at D (CPU default)."""
         n, c, *size = s.shape
         rows = to_rows(s)
         with record_function("sparsehead.gather"):
             idx1, idx2 = mask_indices(outer), mask_indices(inner)
             flat1, flat2 = flat_index(idx1, size), flat_index(idx2, size)
-            book1 = neighbour_rulebook(idx1, size)
+            table1 = neighbour_table(idx1, size)
             lookup = torch.full((rows.shape[0],), -1, dtype=torch.int64, device=s.device)
             lookup[flat1] = torch.arange(idx1.shape[0], device=s.device)
-            book2 = neighbour_rulebook(idx2, size, lookup)
+            table2 = neighbour_table(idx2, size, lookup)
         with record_function("sparsehead.depth_conv"):
-            h = rulebook_conv(rows, self.conv1.weight, book1, idx1.shape[0])
+            h = gather_conv(rows, self.conv1.weight, table1)
             h = F.relu(self.norm1.forward_rows(h, idx1[:, 0].long(), n))
-            h = rulebook_conv(h, self.conv2.weight, book2, idx2.shape[0])
+            h = gather_conv(h, self.conv2.weight, table2)
             h = self.norm2.forward_rows(h, idx2[:, 0].long(), n)
         with record_function("sparsehead.scatter"):
-            return _relu_with_rows(s, rows, flat2, h * expand_gate(to_rows(g).index_select(0, flat2), c))
+            return _relu_with_rows(s, rows, flat2, h * expand_gate(to_rows(g).index_select(0, flat2), c), overwrite)
 
     def _sparse_submanifold(
-        self, s: torch.Tensor, g: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor
+        self, s: torch.Tensor, g: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor, overwrite: bool
     ) -> torch.Tensor:
         """Both convs as spconv submanifold convs on dilate(dilate(D)), one shared rulebook (any device)."""
         n, c, *size = s.shape
@@ -244,7 +265,7 @@ class DepthPath(nn.Module):
             keep = in_inner.nonzero()[:, 0]
             flat = flat.index_select(0, keep)
             gate_rows = expand_gate(to_rows(g).index_select(0, flat), c)
-            return _relu_with_rows(s, rows, flat, h2.index_select(0, keep) * gate_rows)
+            return _relu_with_rows(s, rows, flat, h2.index_select(0, keep) * gate_rows, overwrite)
 
 
 class Router(nn.Module):
@@ -339,8 +360,8 @@ class Router(nn.Module):
         device = features[0].device
         cost = Cost.zeros(n, device)
         kept: dict[str, dict[int, torch.Tensor]] = {"down": {}, "up": {}, "depth": {}}
-        if self.execution != "dense":
-            features = [channels_last(x) for x in features]
+        if self.execution == "sparse":
+            features = [channels_last(x) for x in features]  # rows are views of channels-last maps
 
         # Scale units at their source levels; each returns dense maps or (indices, rows) contributions.
         dense_in: list[list[torch.Tensor]] = [[] for _ in range(levels)]
@@ -358,6 +379,7 @@ class Router(nn.Module):
                 dst_size = tuple(features[dst].shape[2:])
                 with record_function("sparsehead.scale"):
                     if self._sparse_here(mask):
+                        x = channels_last(x)  # once per level; a no-op in sparse mode
                         idx, rows = unit.sparse(x, g, mask)
                         if idx.shape[0]:
                             if dst > src:
@@ -375,10 +397,10 @@ class Router(nn.Module):
                 for u in dense_in[lvl]:
                     s = s + self.scale_weight * u
                 if rows_in[lvl]:
-                    idx = torch.cat([i for i, _ in rows_in[lvl]])
-                    rows = torch.cat([r for _, r in rows_in[lvl]]) * self.scale_weight
-                    s = channels_last(s)
-                    to_rows(s).index_add_(0, flat_index(idx, x.shape[2:]), rows)  # s is a fresh tensor
+                    s = channels_last(s)  # a fresh tensor: adding into it in place is safe
+                    for idx, rows in rows_in[lvl]:
+                        to_rows(s).index_add_(0, flat_index(idx, x.shape[2:]), rows * self.scale_weight)
+                    rows_in[lvl] = []
             with record_function("sparsehead.gate"):
                 g, inner, outer = self.depth.gate_and_masks(s)
             if self.keep_gates:
@@ -386,7 +408,7 @@ class Router(nn.Module):
             cost = cost + _path_cost([pool_gate(g), g], [outer, inner], self.depth.unit_costs())
             cost = cost + self._gate_cost([self.depth.gate], inner[0].numel(), n, device)
             if self._sparse_here(outer):
-                outputs.append(self.depth.sparse(s, g, inner, outer))
+                outputs.append(self.depth.sparse(s, g, inner, outer, overwrite=True))  # s is this forward's own
             else:
                 with record_function("sparsehead.depth_conv"):
                     outputs.append(self.depth.dense(s, g, inner, outer))

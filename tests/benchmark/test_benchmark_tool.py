@@ -45,9 +45,9 @@ def test_auto_equals_dense_with_mixed_densities():
     for name in calls:
         orig = getattr(depth, name)
 
-        def spy(*a, _orig=orig, _name=name):
+        def spy(*a, _orig=orig, _name=name, **kw):
             calls[_name] += 1
-            return _orig(*a)
+            return _orig(*a, **kw)
 
         setattr(depth, name, spy)
     with torch.no_grad(), fixed_gates(tower, _mixed_pattern):
@@ -179,6 +179,9 @@ def test_find_crossover():
     assert find_crossover([0.1, 0.5, 0.9], [0.5, 0.9, 1.3]) == pytest.approx(0.6)
     assert find_crossover([0.9, 0.1], [0.8, 0.5]) == 1.0
     assert find_crossover([0.1, 0.9], [1.2, 2.0]) == 0.0
+    # Only the top three points are fitted: a flat start does not drag the line away from the bend.
+    assert find_crossover([0.1, 0.3, 0.5, 0.8, 0.9, 1.0], [0.2, 0.2, 0.2, 0.8, 0.9, 1.0]) == pytest.approx(1.0)
+    assert find_crossover([0.1, 0.3, 0.5, 0.8, 0.9, 1.0], [0.2, 0.2, 0.2, 0.7, 0.9, 1.1]) == pytest.approx(0.95)
     rows = [
         {"workload": "tower", "pattern": "blob", "routers": 4, "batch": 1, "channels": 8, "active": a,
          "dense_ms": 10.0, "sparse_ms": s}
@@ -223,5 +226,5 @@ def test_bad_crossover_content_is_a_cli_error(tmp_path, capsys):
 def test_quick_settings():
     s, _ = parse_args(["--quick"])
     assert list(s.workloads) == ["tower"] and list(s.routers) == [4] and list(s.batches) == [1]
-    assert list(s.densities) == [0.05, 0.1, 0.2, 0.35, 0.5, 0.9]
+    assert list(s.densities) == [0.05, 0.1, 0.2, 0.35, 0.5, 0.9, 1.0]
     assert list(s.patterns) == ["blob", "random"] and len(s.random_densities) == 1

@@ -11,9 +11,9 @@ from sparsehead.layers.sparse import (
     depthwise_conv_rows,
     dilate,
     flat_index,
+    gather_conv,
     mask_indices,
-    neighbour_rulebook,
-    rulebook_conv,
+    neighbour_table,
     to_rows,
 )
 
@@ -85,7 +85,7 @@ def test_submconv_is_correct_with_two_threads():
 
 
 @pytest.mark.parametrize("size", [(9, 7), (5, 4, 6)])
-def test_rulebook_conv_computes_exact_output_set(size):
+def test_gather_conv_computes_exact_output_set(size):
     """Outputs on one pixel set, inputs read from the whole map's rows or from another row set."""
     torch.manual_seed(0)
     ndim = len(size)
@@ -95,7 +95,7 @@ def test_rulebook_conv_computes_exact_output_set(size):
     out_mask = torch.rand(2, 1, *size) < 0.3
     idx = mask_indices(out_mask)
     rows = to_rows(channels_last(x))
-    got = rulebook_conv(rows, w, neighbour_rulebook(idx, size), idx.shape[0])
+    got = gather_conv(rows, w, neighbour_table(idx, size))
     ref = conv(x, w.movedim(-1, 1), padding=1)
     expected = to_rows(channels_last(ref)).index_select(0, flat_index(idx, size))
     assert torch.allclose(got, expected)
@@ -109,6 +109,45 @@ def test_rulebook_conv_computes_exact_output_set(size):
     in_flat = flat_index(in_idx, size)
     lookup = torch.full((rows.shape[0],), -1, dtype=torch.int64)
     lookup[in_flat] = torch.arange(in_idx.shape[0])
-    got = rulebook_conv(rows.index_select(0, in_flat), w, neighbour_rulebook(idx, size, lookup), idx.shape[0])
+    got = gather_conv(rows.index_select(0, in_flat), w, neighbour_table(idx, size, lookup))
     ref = conv(x * in_mask, w.movedim(-1, 1), padding=1)
     assert torch.allclose(got, to_rows(channels_last(ref)).index_select(0, flat_index(idx, size)))
+    gx, gw = torch.autograd.grad(got.sin().sum(), (x, w))
+    rx, rw = torch.autograd.grad(to_rows(channels_last(ref)).index_select(0, flat_index(idx, size)).sin().sum(), (x, w))
+    assert torch.allclose(gx, rx) and torch.allclose(gw, rw)
+
+
+def test_gather_conv_chunks_agree_with_one_gemm(monkeypatch):
+    """Outputs and gradients do not depend on how many rows each GEMM takes."""
+    import sparsehead.layers.sparse as sparse
+
+    torch.manual_seed(0)
+    size = (11, 13)
+    x = torch.randn(1, 4, *size, dtype=torch.float64)
+    w = torch.randn(3, 3, 3, 4, dtype=torch.float64)
+    idx = mask_indices(torch.rand(1, 1, *size) < 0.5)
+    table = neighbour_table(idx, size)
+
+    def run():
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = gather_conv(to_rows(channels_last(xs)), ws, table)
+        return (out, *torch.autograd.grad(out.cos().sum(), (xs, ws)))
+
+    whole = run()
+    monkeypatch.setattr(sparse, "_GATHER_CHUNK_BYTES", 3 * 36 * 8)  # 3 rows per GEMM
+    assert len(sparse._gather_chunks(table, 36 * 8)) == -(-idx.shape[0] // 3) > 1
+    assert (table < 0).any()  # the chunks must also carry the zero padding
+    for a, b in zip(whole, run()):
+        assert torch.allclose(a, b)
+
+
+def test_neighbour_table_marks_outside_and_missing_pixels():
+    size = (3, 4)
+    idx = torch.tensor([[0, 0, 0], [0, 1, 2]], dtype=torch.int32)
+    table = neighbour_table(idx, size)
+    # Corner pixel (0, 0): taps with a -1 row or column offset fall outside the grid.
+    assert table[0].tolist() == [-1, -1, -1, -1, 0, 1, -1, 4, 5]
+    assert table[1].tolist() == [1, 2, 3, 5, 6, 7, 9, 10, 11]
+    lookup = torch.full((12,), -1, dtype=torch.int64)
+    lookup[6] = 0  # only pixel (1, 2) has an input row
+    assert neighbour_table(idx, size, lookup)[1].tolist() == [-1, -1, -1, -1, 0, -1, -1, -1, -1]

@@ -199,3 +199,26 @@ def test_float32_dense_equals_sparse(make_pyramid):
     _control_gates(tower, lambda shape, i: _pattern(shape, [0.3, 0.7], i))
     feats = make_pyramid(2, 32, (25, 38), 5, seed=13)
     _check_equivalence(tower, feats, dtype=torch.float32, params=False)
+
+
+@pytest.mark.parametrize("rulebook", ["exact", "submanifold"])
+def test_inference_without_autograd_matches_and_leaves_inputs_untouched(make_pyramid, rulebook):
+    """Without autograd the sparse mode writes its outputs into its own node sums, never into inputs."""
+    tower = DynamicTower(16, 2, gn_groups=4, num_levels=4)
+    _use_rulebook(tower, rulebook)
+    _randomise(tower, seed=14)
+    # Levels with no, few and many active pixels (the inactive one takes the relu-only branch).
+    _control_gates(tower, lambda shape, i: _pattern(shape, [0.0, 0.2, 0.8][i % 3], i))
+    feats = make_pyramid(2, 16, (13, 11), 4, seed=15)
+    originals = [f.clone() for f in feats]
+    tower.set_execution("dense")
+    reference = tower(feats)
+    for mode in ("sparse", "auto"):
+        tower.set_execution(mode)
+        with torch.no_grad():
+            out = tower(feats)
+        for f, o in zip(feats, originals):
+            assert torch.equal(f, o)
+        for x, y in zip(out, reference):
+            _assert_close(x, y.detach(), f"{mode} output")
+        assert len({o.data_ptr() for o in out} | {f.data_ptr() for f in feats}) == 2 * len(feats)
