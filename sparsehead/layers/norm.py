@@ -50,21 +50,30 @@ class MaskedGroupNorm(nn.Module):
         return out.reshape(x.shape) * self.weight.view(shape) + self.bias.view(shape)
 
     def forward_rows(
-        self, rows: torch.Tensor, batch: torch.Tensor, batch_size: int, mask: torch.Tensor | None = None
+        self,
+        rows: torch.Tensor,
+        batch: torch.Tensor,
+        batch_size: int,
+        mask: torch.Tensor | None = None,
+        overwrite: bool = False,
     ) -> torch.Tensor:
         """Normalise rows (R, C) of ``batch_size`` images; ``batch`` (R,) int64 is each row's image.
 
         Statistics cover the rows where ``mask`` (R,) bool is True (all rows when None); every row is
         normalised with its image's statistics, folded into one scale and shift per image and channel.
+        ``overwrite``: the caller will not read ``rows`` again, so without autograd the result is
+        written into them.
         """
         r, c = rows.shape
         stats_rows, stats_batch = (rows, batch) if mask is None else (rows[mask], batch[mask])
         mean, var = self._row_stats(stats_rows, stats_batch, batch_size)  # (N, G) each
         scale = torch.rsqrt(var + self.eps).repeat_interleave(c // self.num_groups, dim=1) * self.weight
         shift = self.bias - mean.repeat_interleave(c // self.num_groups, dim=1) * scale  # (N, C)
-        if batch_size == 1:
-            return torch.addcmul(shift, rows, scale)
-        return torch.addcmul(shift.index_select(0, batch), rows, scale.index_select(0, batch))
+        if batch_size > 1:
+            scale, shift = scale.index_select(0, batch), shift.index_select(0, batch)
+        if overwrite and not torch.is_grad_enabled():
+            return rows.mul_(scale).add_(shift)
+        return torch.addcmul(shift, rows, scale)
 
     def _row_stats(self, rows: torch.Tensor, batch: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per image and group: mean and (biased) variance of ``rows`` (R, C); zeros for an image with no rows."""

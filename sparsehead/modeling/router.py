@@ -96,6 +96,11 @@ def _relu_map(s: torch.Tensor, overwrite: bool) -> torch.Tensor:
     return s.clamp_min(0)  # its backward needs s, not the output: the output may be written in place
 
 
+def _relu_rows(h: torch.Tensor) -> torch.Tensor:
+    """``relu(h)`` of rows this forward made and reads no more; in place without autograd."""
+    return F.relu(h, inplace=not torch.is_grad_enabled())
+
+
 def _count(mask: torch.Tensor) -> torch.Tensor:
     """Active pixels per image of a bool mask (N, 1, *spatial), as float (N,)."""
     return mask.flatten(1).sum(dim=1).to(torch.float32)
@@ -153,7 +158,7 @@ class ScaleUnit(nn.Module):
             return idx, x.new_zeros(0, c)
         flat = flat_index(idx, size)
         y = depthwise_conv_rows(to_rows(x), idx, size, self.conv.weight)
-        y = self.norm.forward_rows(y, idx[:, 0].long(), n)
+        y = self.norm.forward_rows(y, idx[:, 0].long(), n, overwrite=True)
         return idx, y * expand_gate(to_rows(g).index_select(0, flat), c)
 
 
@@ -237,9 +242,9 @@ class DepthPath(nn.Module):
             table2 = neighbour_table(idx2, size, lookup)
         with record_function("sparsehead.depth_conv"):
             h = gather_conv(rows, self.conv1.weight, table1)
-            h = F.relu(self.norm1.forward_rows(h, idx1[:, 0].long(), n))
+            h = _relu_rows(self.norm1.forward_rows(h, idx1[:, 0].long(), n, overwrite=True))
             h = gather_conv(h, self.conv2.weight, table2)
-            h = self.norm2.forward_rows(h, idx2[:, 0].long(), n)
+            h = self.norm2.forward_rows(h, idx2[:, 0].long(), n, overwrite=True)
         with record_function("sparsehead.scatter"):
             return _relu_with_rows(s, rows, flat2, h * expand_gate(to_rows(g).index_select(0, flat2), c), overwrite)
 

@@ -68,3 +68,26 @@ def test_rows_statistics_over_a_subset(batch):
         var = xs.var(dim=(0, 2), unbiased=False)
         want = (rows[image == b].reshape(-1, 2, 4) - mean[:, None]) / torch.sqrt(var[:, None] + norm.eps)
         assert torch.allclose(out[image == b], want.reshape(-1, 8))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_rows_overwrite_only_without_autograd(batch):
+    torch.manual_seed(0)
+    norm = MaskedGroupNorm(4, 8)
+    torch.nn.init.normal_(norm.weight)
+    rows = 3.0 + 0.5 * torch.randn(40, 8)  # an offset mean: the shifted one-pass variance must hold
+    index = torch.randint(0, batch, (40,))
+    expected = norm.forward_rows(rows, index, batch)
+    per_row = rows.view(40, 4, 2)
+    for i in range(batch):
+        var, mean = torch.var_mean(per_row[index == i], dim=(0, 2), correction=0)
+        ref = (per_row[index == i] - mean[:, None]) * torch.rsqrt(var + norm.eps)[:, None]
+        assert torch.allclose(expected[index == i], ref.reshape(-1, 8) * norm.weight + norm.bias, atol=1e-5)
+    # With autograd the input is left alone even when the caller allows overwriting.
+    kept = rows.clone()
+    assert torch.allclose(norm.forward_rows(rows, index, batch, overwrite=True), expected)
+    assert torch.equal(rows, kept)
+    with torch.no_grad():
+        out = norm.forward_rows(rows, index, batch, overwrite=True)
+    assert out.data_ptr() == rows.data_ptr()
+    assert torch.allclose(out, expected.detach(), atol=1e-6)
