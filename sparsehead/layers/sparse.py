@@ -1,4 +1,4 @@
-"""Sparse building blocks on spconv: row layout, submanifold convs, depthwise convs, dilation.
+"""Sparse building blocks: row layout, spconv submanifold convs, gathered-neighbour convs, dilation.
 
 Layout. A dense map (N, C, *spatial) and its "rows" (N * prod(spatial), C) are two views of one
 channels-last tensor; the sparse mode keeps maps channels-last so that gathering the rows of active
