@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from ..layers.gates import SpatialGate, expand_gate, gate_mask, pool_gate
 from ..layers.resample import downsample, half_size, upsample
-from ..layers.sparse import dilate, flat_index, kernel_offsets
+from ..layers.sparse import dilate, flat_index, gather_conv, kernel_offsets
 from .cost import Cost
 from .router import Router
 from .tower import DynamicTower
@@ -229,12 +229,8 @@ def _gate_rows(gate: SpatialGate | None, rows: torch.Tensor, lvl: _Level) -> tor
     """Gate (R, G) at every voxel: the gate conv as a submanifold conv on the level's index set."""
     if gate is None:
         return rows.new_ones(rows.shape[0], 1)
-    w = gate.conv.weight.flatten(2)  # (G, C, K)
-    nbr = lvl.neighbours
-    padded = _pad(rows)
-    logits = gate.conv.bias.expand(rows.shape[0], -1)
-    for k in range(w.shape[2]):
-        logits = logits + _gather_offset(padded, nbr, k) @ w[:, :, k].t()
+    # The torch weight (G, C, *kernel) in the (G, *kernel, C) layout gather_conv reads.
+    logits = gather_conv(rows, gate.conv.weight.movedim(1, -1), lvl.neighbours) + gate.conv.bias
     if gate.coarse:
         mean = rows.new_zeros(lvl.n, logits.shape[1]).index_add(0, lvl.batch, logits)
         logits = (mean / lvl.voxels.clamp_min(1.0).to(rows.dtype)[:, None])[lvl.batch]
