@@ -48,8 +48,8 @@ from ..layers.sparse import (
     dilate,
     flat_index,
     gather_conv,
+    grid_of,
     mask_indices,
-    neighbour_table,
     to_rows,
 )
 from ..modeling.cost import collect_cost
@@ -246,12 +246,13 @@ class ConvPair(nn.Module):
             with record_function("sparsehead.depth_conv"):
                 return F.conv2d(x, self.conv.dense_weight(), padding=1)
         with record_function("sparsehead.gather"):
-            idx = mask_indices(self.mask)
             if x.is_cuda:
+                idx = mask_indices(self.mask)
                 rows = to_rows(x).index_select(0, flat_index(idx, (h, w)))
                 t = spconv.SparseConvTensor(rows, idx, [h, w], n)
             else:
-                table = neighbour_table(idx, (h, w))
+                grid = grid_of(x)
+                table = grid.table(grid.sites(self.mask))
         with record_function("sparsehead.depth_conv"):
             if x.is_cuda:
                 return self.conv(t).features

@@ -6,7 +6,7 @@ Softmax gates of the paper's ablation never do, so with them every pixel stays a
 """
 from __future__ import annotations
 
-import itertools
+import functools
 import math
 from typing import Sequence
 
@@ -188,22 +188,26 @@ def gate_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
 
     ``weight`` is (G, C, 3, 3[, 3]). A gate conv has one or two output maps, a shape for which CPU
     convolution kernels are memory-bound and slow; on CPU it runs as one matrix product of the pixels'
-    channel rows (P, C) with all taps' weights (C, 3^ndim · G), then sums the taps' outputs shifted into
-    place. The result equals ``conv2d``/``conv3d`` up to float rounding. Other devices use the conv.
+    channel rows (P, C) with all taps' weights (C, G · 3^ndim), whose per-tap outputs a grouped conv
+    with a one-hot kernel then shifts into place and sums. The result equals ``conv2d``/``conv3d`` up to
+    float rounding. Other devices use the conv.
     """
     ndim = x.dim() - 2
+    conv = F.conv2d if ndim == 2 else F.conv3d
     if x.device.type != "cpu":
-        return (F.conv2d if ndim == 2 else F.conv3d)(x, weight, bias, padding=1)
+        return conv(x, weight, bias, padding=1)
     n, c, *size = x.shape
     groups, taps = weight.shape[0], 3**ndim
-    w = weight.reshape(groups, c, taps).permute(1, 2, 0).reshape(c, taps * groups)
-    y = (x.movedim(1, -1).reshape(-1, c) @ w).view(n, *size, taps, groups)
-    y = F.pad(y.movedim((-2, -1), (1, 2)), (1, 1) * ndim)  # (N, taps, G, *(size + 2))
-    out = None
-    for tap, offset in enumerate(itertools.product(range(3), repeat=ndim)):
-        part = y[(slice(None), tap, slice(None)) + tuple(slice(o, o + s) for o, s in zip(offset, size))]
-        out = part.clone() if out is None else out.add_(part)
-    return out if bias is None else out.add_(bias.view(1, groups, *(1,) * ndim))
+    w = weight.reshape(groups, c, taps).transpose(0, 1).reshape(c, groups * taps)  # column g * taps + t
+    y = (x.movedim(1, -1).reshape(-1, c) @ w).view(n, *size, groups * taps).movedim(-1, 1)
+    return conv(y, _tap_kernel(ndim, groups, y.dtype, y.device), bias, padding=1, groups=groups)
+
+
+@functools.lru_cache(maxsize=16)
+def _tap_kernel(ndim: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(G, 3^ndim, 3, ..., 3) one-hot kernel: input channel t of each group is read at tap t only."""
+    taps = 3**ndim
+    return torch.eye(taps, dtype=dtype, device=device).view(1, taps, *(3,) * ndim).repeat(groups, *(1,) * (ndim + 1))
 
 
 def gate_mask(gate: torch.Tensor) -> torch.Tensor:

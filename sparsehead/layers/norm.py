@@ -52,44 +52,72 @@ class MaskedGroupNorm(nn.Module):
     def forward_rows(
         self,
         rows: torch.Tensor,
-        batch: torch.Tensor,
+        batch: torch.Tensor | None,
         batch_size: int,
         mask: torch.Tensor | None = None,
         overwrite: bool = False,
     ) -> torch.Tensor:
-        """Normalise rows (R, C) of ``batch_size`` images; ``batch`` (R,) int64 is each row's image.
+        """Normalise rows (R, C) of ``batch_size`` images; ``batch`` (R,) int64 is each row's image (None
+        when ``batch_size`` is 1).
 
         Statistics cover the rows where ``mask`` (R,) bool is True (all rows when None); every row is
         normalised with its image's statistics, folded into one scale and shift per image and channel.
         ``overwrite``: the caller will not read ``rows`` again, so without autograd the result is
         written into them.
         """
-        r, c = rows.shape
-        stats_rows, stats_batch = (rows, batch) if mask is None else (rows[mask], batch[mask])
-        mean, var = self._row_stats(stats_rows, stats_batch, batch_size)  # (N, G) each
-        scale = torch.rsqrt(var + self.eps).repeat_interleave(c // self.num_groups, dim=1) * self.weight
-        shift = self.bias - mean.repeat_interleave(c // self.num_groups, dim=1) * scale  # (N, C)
+        if batch is None and batch_size != 1:
+            raise ValueError(f"batch indices are needed for a batch of {batch_size} images")
+        c, g = rows.shape[1], self.num_groups
+        inplace = overwrite and not torch.is_grad_enabled()
+        if batch_size == 1:
+            # Moments of data shifted by one of its own values per group, so that E[d^2] - E[d]^2 does
+            # not cancel; the shift changes the mean only, and is not differentiated (the result does
+            # not depend on it).
+            stats = rows if mask is None else rows[mask]
+            offset = self._offset(stats)  # (1, C)
+            if mask is None:  # normalise the shifted rows themselves
+                rows = rows.sub_(offset) if inplace else rows - offset
+                mean, var = self._moments(rows)
+            else:
+                mean, var = self._moments(stats.sub_(offset))  # a copy: shift it in place
+                mean = mean + offset.view(g, -1)[:, 0]
+        else:
+            stats_rows, stats_batch = (rows, batch) if mask is None else (rows[mask], batch[mask])
+            mean, var = self._batch_moments(stats_rows, stats_batch, batch_size)  # (N, G) each
+        scale = (torch.rsqrt(var + self.eps)[:, :, None] * self.weight.view(g, -1)).view(batch_size, c)
+        shift = self.bias - (mean[:, :, None] * scale.view(batch_size, g, -1)).view(batch_size, c)  # (N, C)
         if batch_size > 1:
             scale, shift = scale.index_select(0, batch), shift.index_select(0, batch)
-        if overwrite and not torch.is_grad_enabled():
+        if inplace:
             return rows.mul_(scale).add_(shift)
         return torch.addcmul(shift, rows, scale)
 
-    def _row_stats(self, rows: torch.Tensor, batch: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per image and group: mean and (biased) variance of ``rows`` (R, C); zeros for an image with no rows."""
+    def _offset(self, rows: torch.Tensor) -> torch.Tensor:
+        """(1, C): the first row's first value of each channel group, repeated over the group (zeros
+        when there is no row); a copy, detached."""
+        c, g = rows.shape[1], self.num_groups
+        if rows.shape[0] == 0:
+            return rows.new_zeros(1, c)
+        return rows[0].detach().view(g, -1)[:, :1].expand(g, c // g).reshape(1, c).clone()
+
+    def _moments(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and (biased) variance per group (1, G) of the rows (R, C) of one image; zeros without rows."""
+        g = self.num_groups
+        if rows.shape[0] == 0:
+            return rows.new_zeros(1, g), rows.new_zeros(1, g)
+        # Column sums: several times faster on CPU than var_mean over rows and channels.
+        count = float(rows.numel() // g)
+        m1 = rows.sum(dim=0).view(g, -1).sum(dim=1) / count
+        m2 = rows.square().sum(dim=0).view(g, -1).sum(dim=1) / count
+        return m1[None], (m2 - m1.square()).clamp_min(0)[None]
+
+    def _batch_moments(
+        self, rows: torch.Tensor, batch: torch.Tensor, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and (biased) variance (N, G) per image and group of rows (R, C); zeros for an image
+        with no rows."""
         g = self.num_groups
         xs = rows.reshape(rows.shape[0], g, rows.shape[1] // g)
-        if batch_size == 1:
-            if rows.shape[0] == 0:
-                return rows.new_zeros(1, g), rows.new_zeros(1, g)
-            # One pass of column sums (several times faster than var_mean over (0, 2) on CPU), on data
-            # shifted by one of its own values per group so that E[x^2] - E[x]^2 does not cancel.
-            shift = xs[0, :, 0].detach()  # (G,); the variance does not depend on it
-            d = rows - shift.repeat_interleave(xs.shape[2])
-            count = float(xs.shape[0] * xs.shape[2])
-            m1 = d.sum(dim=0).view(g, -1).sum(dim=1) / count
-            m2 = d.square().sum(dim=0).view(g, -1).sum(dim=1) / count
-            return (m1 + shift)[None], (m2 - m1.square()).clamp_min(0)[None]
         count = torch.zeros(batch_size, dtype=rows.dtype, device=rows.device).index_add_(
             0, batch, rows.new_ones(rows.shape[0])
         )

@@ -10,7 +10,9 @@ The same two definitions hold in both execution modes:
 """
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 from typing import Sequence
 
 import torch
@@ -42,31 +44,53 @@ def upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return out[(slice(None), slice(None)) + tuple(slice(0, s) for s in size)]
 
 
-def downsample_rows(indices: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows (R, C) at ``indices`` (R, 1 + ndim) → their contributions to the coarser level.
+@functools.lru_cache(maxsize=64)
+def _parents(batch: int, size: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(N * prod(size),) int64: the row of each pixel's 2^ndim block on the coarser level."""
+    coarse = half_size(size)
+    parent = torch.arange(batch * math.prod(coarse), device=device).view(batch, *coarse)
+    for d, s in enumerate(size):
+        parent = parent.repeat_interleave(2, dim=d + 1).narrow(d + 1, 0, s)
+    return parent.reshape(-1)
 
-    Returns ``(indices // 2, rows / 2^ndim)``: adding them up per coarse pixel (``index_add``) gives
-    :func:`downsample` of the map that holds ``rows`` at ``indices`` and zeros elsewhere.
+
+@functools.lru_cache(maxsize=64)
+def _children(batch: int, size: tuple[int, ...], fine: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(N * prod(size), 2^ndim) int64: the rows of each pixel's children on the finer level of size
+    ``fine`` (at most twice ``size``), -1 for a child cropped away."""
+    ndim = len(size)
+    rows = torch.arange(batch * math.prod(fine), device=device).view(batch, *fine)
+    pad = []
+    for s, f in zip(reversed(size), reversed(fine)):
+        pad += [0, 2 * s - f]
+    grid = F.pad(rows, pad, value=-1).view(batch, *itertools.chain.from_iterable((s, 2) for s in size))
+    order = [0] + [1 + 2 * d for d in range(ndim)] + [2 + 2 * d for d in range(ndim)]
+    return grid.permute(order).reshape(-1, 2**ndim)
+
+
+def downsample_rows(
+    flat: torch.Tensor, rows: torch.Tensor, batch: int, size: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (R, C) at row numbers ``flat`` (R,) of a (batch, C, *size) map → their contributions to
+    the coarser level.
+
+    Returns ``(parent rows, rows / 2^ndim)``: adding them up per coarse row (``index_add``) gives
+    :func:`downsample` of the map that holds ``rows`` at ``flat`` and zeros elsewhere.
     """
-    ndim = indices.shape[1] - 1
-    coarse = indices.clone()
-    coarse[:, 1:] = torch.div(indices[:, 1:], 2, rounding_mode="floor")
-    return coarse, rows * (1.0 / 2**ndim)
+    parents = _parents(batch, tuple(size), flat.device)
+    return parents.index_select(0, flat), rows * (1.0 / 2 ** len(size))
 
 
 def upsample_rows(
-    indices: torch.Tensor, rows: torch.Tensor, size: Sequence[int]
+    flat: torch.Tensor, rows: torch.Tensor, batch: int, size: Sequence[int], fine: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows (R, C) at ``indices`` → the rows of their 2^ndim children on the finer level of ``size``.
+    """Rows (R, C) at row numbers ``flat`` of a (batch, C, *size) map → the rows of their 2^ndim
+    children on the finer level of size ``fine``, as (child rows, rows).
 
-    Children outside ``size`` (the crop of an odd-sized finer level) are dropped, as in :func:`upsample`.
+    Children outside ``fine`` (the crop of an odd-sized finer level) are dropped, as in :func:`upsample`.
     """
-    ndim = indices.shape[1] - 1
-    offsets = torch.tensor(list(itertools.product((0, 1), repeat=ndim)), device=indices.device, dtype=indices.dtype)
-    child = indices[:, None, :].repeat(1, offsets.shape[0], 1)  # (R, 2^ndim, 1 + ndim)
-    child[..., 1:] = child[..., 1:] * 2 + offsets
-    limit = torch.tensor(list(size), device=indices.device, dtype=indices.dtype)
-    valid = (child[..., 1:] < limit).all(dim=-1)  # (R, 2^ndim)
-    keep = valid.reshape(-1)
-    src = torch.arange(rows.shape[0], device=rows.device).repeat_interleave(offsets.shape[0])[keep]
-    return child.reshape(-1, ndim + 1)[keep], rows.index_select(0, src)
+    children = _children(batch, tuple(size), tuple(fine), flat.device).index_select(0, flat)  # (R, 2^ndim)
+    if bool((children < 0).any()):
+        keep = (children >= 0).nonzero()
+        return children[keep[:, 0], keep[:, 1]], rows.index_select(0, keep[:, 0])
+    return children.reshape(-1), rows.repeat_interleave(children.shape[1], dim=0)

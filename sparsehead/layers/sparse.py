@@ -3,7 +3,9 @@
 Layout. A dense map (N, C, *spatial) and its "rows" (N * prod(spatial), C) are two views of one
 channels-last tensor; the sparse mode keeps maps channels-last so that gathering the rows of active
 pixels is an ``index_select`` on a view and scattering them back an ``index_add``. Active pixels are
-given by ``indices`` (R, 1 + ndim) int (batch, then spatial coordinates), as in spconv.
+given by ``indices`` (R, 1 + ndim) int (batch, then spatial coordinates), as in spconv, or by their
+row numbers and sites on a :class:`Grid` (flat numbers in the zero-padded grid, where a neighbour is a
+fixed offset).
 
 Algorithms. spconv runs only ``ConvAlgo.Native`` on CPU; on CUDA its implicit-GEMM kernels
 (``MaskImplicitGemm``) are faster. :class:`SubMConv` picks the algorithm from the device of each input.
@@ -15,7 +17,7 @@ chosen output pixels by gathering each output's neighbours from the rows of a de
 
 Exact output sets. A submanifold conv computes at every input pixel. When a conv's outputs are needed on
 a smaller set than the pixels it reads (the depth path's first conv reads the 3×3 dilation of its
-outputs), :func:`neighbour_table` lists, for each wanted output, the rows its kernel taps read, and
+outputs), :meth:`Grid.table` lists, for each wanted output, the rows its kernel taps read, and
 :func:`gather_conv` multiplies the gathered neighbours by the weight: no work on pixels whose result
 would be thrown away. This is the depth path's CPU implementation: spconv's only CPU algorithm
 (Native, a gather-GEMM-scatter per kernel offset) runs about a third slower than one GEMM over
@@ -23,6 +25,7 @@ gathered columns there.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Sequence
@@ -44,7 +47,8 @@ __all__ = [
     "dilate",
     "depthwise_conv_rows",
     "kernel_offsets",
-    "neighbour_table",
+    "Grid",
+    "grid_of",
     "gather_conv",
 ]
 
@@ -129,81 +133,104 @@ def kernel_offsets(ndim: int, kernel_size: int = 3) -> torch.Tensor:
     return torch.tensor(list(itertools.product(range(-r, r + 1), repeat=ndim)), dtype=torch.int64)
 
 
-def neighbour_table(
-    out_indices: torch.Tensor,
-    spatial_shape: Sequence[int],
-    lookup: torch.Tensor | None = None,
-    kernel_size: int = 3,
-) -> torch.Tensor:
-    """For each chosen output pixel, the input row each kernel tap reads.
+class Grid:
+    """Row arithmetic for maps of one shape (N, C, *spatial), through the grid zero-padded by one pixel.
 
-    Entry ``[i, k]`` is the row holding pixel ``out_indices[i] + offset_k``: the pixel's flat number in
-    the full grid when ``lookup`` is None (the input is a whole map's rows), else ``lookup[flat]`` (an
-    int64 map from flat pixel number to input row, -1 where there is none).
+    A pixel's *site* is its flat number in the (N, *(spatial + 2)) grid that has one pixel of padding on
+    every side. On that grid each 3^ndim neighbour is a fixed offset (``taps``) and a neighbour outside
+    the map lands on padding, so a neighbour table is one add and one lookup. Sites are listed in
+    row-major order, like :func:`mask_indices`.
 
     Args:
-        out_indices: output pixels (R, 1 + ndim).
-        spatial_shape: the grid's spatial size.
-        lookup: optional (N * prod(spatial),) int64 row map.
-        kernel_size: odd kernel size.
+        batch: images ``N``.
+        spatial_shape: the maps' spatial size.
+        device: where the index tensors live.
 
-    Returns:
-        (R, K) int64 with K = kernel_size^ndim, offsets in the order of :func:`kernel_offsets`; -1 where
-        the neighbour is outside the grid or missing (zero padding).
+    Use :func:`grid_of` to get a cached one.
     """
-    src, valid = _neighbours(out_indices, spatial_shape, kernel_size)
-    if lookup is not None:
-        src = lookup[src]
-    return src.masked_fill_(~valid, -1)
+
+    def __init__(self, batch: int, spatial_shape: Sequence[int], device: torch.device | str) -> None:
+        self.batch = batch
+        self.shape = tuple(int(s) for s in spatial_shape)
+        self.pixels = math.prod(self.shape)  # per image
+        ndim = len(self.shape)
+        padded = [s + 2 for s in self.shape]
+        rows = torch.arange(batch * self.pixels, device=device).view(batch, *self.shape)
+        self.row_of = F.pad(rows, (1, 1) * ndim, value=-1).reshape(-1)  # site -> row, -1 on padding
+        strides = [math.prod(padded[d + 1:]) for d in range(ndim)]
+        self.taps = (kernel_offsets(ndim) * torch.tensor(strides)).sum(dim=1).to(device)  # (K,)
+
+    def sites(self, mask: torch.Tensor) -> torch.Tensor:
+        """Sites (R,) int64 of the True pixels of ``mask`` (N, 1, *spatial)."""
+        return F.pad(mask[:, 0], (1, 1) * len(self.shape)).reshape(-1).nonzero()[:, 0]
+
+    def rows(self, sites: torch.Tensor) -> torch.Tensor:
+        """Row numbers (R,) of ``sites`` in the rows of a map (see :func:`to_rows`)."""
+        return self.row_of[sites]
+
+    def images(self, rows: torch.Tensor) -> torch.Tensor:
+        """The image (R,) int64 each row number belongs to."""
+        return torch.div(rows, self.pixels, rounding_mode="floor")
+
+    def lookup(self, sites: torch.Tensor) -> torch.Tensor:
+        """A site → position-in-``sites`` map (N * prod(spatial + 2),) int64, -1 elsewhere: to read rows
+        that hold only these pixels with :meth:`table`."""
+        out = torch.full_like(self.row_of, -1)
+        out[sites] = torch.arange(sites.shape[0], device=sites.device)
+        return out
+
+    def table(self, sites: torch.Tensor, lookup: torch.Tensor | None = None) -> torch.Tensor:
+        """For each site, the input row each 3^ndim kernel tap reads: (R, K) int64, taps in the order of
+        :func:`kernel_offsets`, -1 where the neighbour is outside the map or has no row.
+
+        The input is a whole map's rows, or with ``lookup`` (from :meth:`lookup`) the rows of those
+        pixels only.
+        """
+        neighbours = sites[:, None] + self.taps
+        return (self.row_of if lookup is None else lookup)[neighbours]
 
 
-def _neighbours(
-    out_indices: torch.Tensor, spatial_shape: Sequence[int], kernel_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat pixel numbers (R, K) of each output's kernel taps, clamped into the grid, and (R, K) in-grid."""
-    ndim = len(spatial_shape)
-    offsets = kernel_offsets(ndim, kernel_size).to(out_indices.device)  # (K, ndim)
-    coords = out_indices[:, None, 1:].long() + offsets[None]  # (R, K, ndim)
-    size = torch.tensor(list(spatial_shape), device=out_indices.device)
-    valid = ((coords >= 0) & (coords < size)).all(dim=-1)  # (R, K)
-    src = out_indices[:, 0].long()[:, None].expand_as(valid)
-    for d in range(ndim):
-        src = src * spatial_shape[d] + coords[..., d].clamp(0, spatial_shape[d] - 1)
-    return src, valid
+@functools.lru_cache(maxsize=64)
+def _cached_grid(batch: int, spatial_shape: tuple[int, ...], device: torch.device) -> Grid:
+    return Grid(batch, spatial_shape, device)
 
 
-def depthwise_conv_rows(
-    rows: torch.Tensor,
-    indices: torch.Tensor,
-    spatial_shape: Sequence[int],
-    weight: torch.Tensor,
-) -> torch.Tensor:
-    """Depthwise 3^ndim conv (zero padding 1) of a dense map, evaluated at ``indices`` only.
+def grid_of(x: torch.Tensor) -> Grid:
+    """The (cached) :class:`Grid` of maps shaped like ``x`` (N, C, *spatial)."""
+    return _cached_grid(x.shape[0], tuple(x.shape[2:]), x.device)
+
+
+def depthwise_conv_rows(rows: torch.Tensor, table: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Depthwise 3^ndim conv (zero padding 1) of a map, evaluated at chosen pixels only.
 
     Args:
         rows: the map's rows (N * prod(spatial), C) (see :func:`to_rows`).
-        indices: output pixels (R, 1 + ndim).
-        spatial_shape: the map's spatial size.
+        table: (R, K) neighbour rows of the output pixels (:meth:`Grid.table`).
         weight: (C, 1, *kernel) as ``torch.nn.Conv2d(C, C, 3, groups=C)`` holds it.
 
     Returns:
-        (R, C): the same values ``F.conv2d(x, weight, padding=1, groups=C)`` has at those pixels.
+        (R, C): the values ``F.conv2d(x, weight, padding=1, groups=C)`` has at those pixels. The
+        neighbours are gathered tap-major, (K, R, C) a chunk of rows at a time, and summed tap by tap.
     """
-    r, c = indices.shape[0], rows.shape[1]
+    r, c = table.shape[0], rows.shape[1]
     if r == 0:
         return rows.new_zeros(0, c)
-    flat, valid = _neighbours(indices, spatial_shape, weight.shape[-1])  # (R, K) each
-    w = weight.reshape(c, -1).t()  # (K, C)
-    # One offset at a time: out += w_k * rows[neighbour_k]; a clamped out-of-grid neighbour is added,
-    # then taken out again below (zero padding), so no (R, K, C) tensor is ever built.
-    out = rows.new_zeros(r, c)
-    for k in range(w.shape[0]):
-        out.addcmul_(rows.index_select(0, flat[:, k]), w[k])
-    outside = (~valid).nonzero()  # (M, 2): (row, offset) pairs that read padding
-    if outside.shape[0]:
-        row, k = outside[:, 0], outside[:, 1]
-        out.index_add_(0, row, rows.index_select(0, flat[row, k]) * w.index_select(0, k), alpha=-1)
-    return out
+    k = table.shape[1]
+    w = weight.reshape(c, k).t()  # (K, C)
+    step = max(1, _GATHER_CHUNK_BYTES // (k * c * rows.element_size()))
+    parts = []
+    for a in range(0, r, step):
+        taps = table[a:a + step].t()  # (K, r)
+        cols = rows.index_select(0, taps.clamp_min(0).reshape(-1))  # (K * r, C)
+        missing = (taps < 0).reshape(-1).nonzero()[:, 0]
+        if missing.shape[0]:
+            cols.index_fill_(0, missing, 0)
+        cols = cols.view(k, -1, c)
+        out = cols[0] * w[0]
+        for t in range(1, k):
+            out.addcmul_(cols[t], w[t])
+        parts.append(out)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 # Bytes of gathered input per GEMM in :func:`gather_conv`: large enough for MKL to run near its peak,
@@ -212,31 +239,32 @@ _GATHER_CHUNK_BYTES = 8 << 20
 
 
 def _gather_chunks(table: torch.Tensor, row_bytes: int) -> list[tuple[int, int, torch.Tensor]]:
-    """Row ranges ``[a, b)`` of a (R, K) neighbour table for one GEMM each, with the (row - a, tap) pairs
-    of that range whose neighbour is missing (-1), (M, 2) int64."""
+    """Row ranges ``[a, b)`` of a (R, K) neighbour table for one GEMM each, with the positions
+    ``(row - a) * K + tap`` (M,) int64 of that range whose neighbour is missing (-1)."""
+    r, k = table.shape
     step = max(1, _GATHER_CHUNK_BYTES // row_bytes)
-    starts = list(range(0, table.shape[0], step))
-    missing = (table < 0).nonzero()  # (M, 2), ordered by row
-    bounds = torch.searchsorted(missing[:, 0], torch.tensor(starts + [table.shape[0]], device=table.device))
-    bounds = bounds.tolist()
-    out = []
-    for i, a in enumerate(starts):
-        pairs = missing[bounds[i]:bounds[i + 1]]
-        out.append((a, min(a + step, table.shape[0]), pairs - pairs.new_tensor([a, 0])))
-    return out
+    missing = (table < 0).reshape(-1).nonzero()[:, 0]
+    if step >= r:
+        return [(0, r, missing)]
+    starts = list(range(0, r, step)) + [r]
+    bounds = torch.searchsorted(missing, torch.tensor(starts, device=table.device) * k).tolist()
+    return [
+        (a, b, missing[bounds[i]:bounds[i + 1]] - a * k) for i, (a, b) in enumerate(zip(starts, starts[1:]))
+    ]
 
 
-def _zero_pairs(cols: torch.Tensor, pairs: torch.Tensor, taps: int) -> torch.Tensor:
-    """Zero the (row, tap) blocks ``pairs`` (M, 2) of columns (r, taps * C) in place."""
-    if pairs.shape[0]:
-        cols.view(cols.shape[0], taps, -1)[pairs[:, 0], pairs[:, 1]] = 0
+def _zero_pairs(cols: torch.Tensor, missing: torch.Tensor, taps: int) -> torch.Tensor:
+    """Zero the (row, tap) blocks at positions ``missing`` (M,) = row * taps + tap of columns
+    (r, taps * C), in place."""
+    if missing.shape[0]:
+        cols.view(cols.shape[0] * taps, -1).index_fill_(0, missing, 0)
     return cols
 
 
-def _gather_columns(features: torch.Tensor, safe: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
-    """(r, K * C) rows of neighbour features for a (r, K) table chunk, zeros at the missing ``pairs``."""
+def _gather_columns(features: torch.Tensor, safe: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+    """(r, K * C) rows of neighbour features for a (r, K) table chunk, zeros at the ``missing`` taps."""
     r, k = safe.shape
-    return _zero_pairs(features.index_select(0, safe.reshape(-1)).view(r, -1), pairs, k)
+    return _zero_pairs(features.index_select(0, safe.reshape(-1)).view(r, -1), missing, k)
 
 
 class _GatherConv(torch.autograd.Function):
@@ -249,8 +277,8 @@ class _GatherConv(torch.autograd.Function):
         safe = table.clamp_min(0)
         chunks = _gather_chunks(table, w.shape[1] * features.element_size())
         out = features.new_empty(table.shape[0], c_out)
-        for a, b, pairs in chunks:
-            torch.mm(_gather_columns(features, safe[a:b], pairs), w.t(), out=out[a:b])
+        for a, b, missing in chunks:
+            torch.mm(_gather_columns(features, safe[a:b], missing), w.t(), out=out[a:b])
         ctx.save_for_backward(features, weight, safe)
         ctx.chunks = chunks
         return out
@@ -264,12 +292,12 @@ class _GatherConv(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[:2]
         grad_x = torch.zeros_like(features) if need_x else None
         grad_w = torch.zeros_like(w) if need_w else None
-        for a, b, pairs in ctx.chunks:
+        for a, b, missing in ctx.chunks:
             g = grad_out[a:b]
             if need_w:
-                grad_w.addmm_(g.t(), _gather_columns(features, safe[a:b], pairs))
+                grad_w.addmm_(g.t(), _gather_columns(features, safe[a:b], missing))
             if need_x:
-                cols = _zero_pairs(g @ w, pairs, taps)
+                cols = _zero_pairs(g @ w, missing, taps)
                 grad_x.index_add_(0, safe[a:b].reshape(-1), cols.view(-1, c_in))
         return grad_x, None if grad_w is None else grad_w.view_as(weight), None
 
@@ -280,7 +308,7 @@ def gather_conv(features: torch.Tensor, weight: torch.Tensor, table: torch.Tenso
     Args:
         features: input rows (R_in, C_in).
         weight: (C_out, *kernel, C_in), spconv's layout (:class:`SubMConv` holds it so).
-        table: (R_out, K) int64 from :func:`neighbour_table`, -1 for a missing neighbour.
+        table: (R_out, K) int64 from :meth:`Grid.table`, -1 for a missing neighbour.
 
     Returns:
         (R_out, C_out). The neighbour rows are gathered into columns (R_out, K * C_in) a chunk at a

@@ -46,8 +46,8 @@ from ..layers.sparse import (
     dilate,
     flat_index,
     gather_conv,
+    grid_of,
     mask_indices,
-    neighbour_table,
     to_rows,
 )
 from .cost import Cost
@@ -101,22 +101,35 @@ def _relu_rows(h: torch.Tensor) -> torch.Tensor:
     return F.relu(h, inplace=not torch.is_grad_enabled())
 
 
-def _count(mask: torch.Tensor) -> torch.Tensor:
-    """Active pixels per image of a bool mask (N, 1, *spatial), as float (N,)."""
-    return mask.flatten(1).sum(dim=1).to(torch.float32)
+class _CostSum:
+    """A forward's cost terms, summed once at the end (a few tensor ops per path, not per addition).
 
+    A path of cost ``macs`` per pixel, running where ``mask`` (N, 1, *spatial) is set with gate ``gate``
+    (N, G, *spatial): soft ``sum(mean_G(gate)) * macs``, realised ``count(mask) * macs``, full
+    ``pixels * macs``. Gate convs count in full in all three (:meth:`always`).
+    """
 
-def _path_cost(
-    gates: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], unit_costs: Sequence[int]
-) -> Cost:
-    """Cost of a path of convs, the i-th running where ``masks[i]`` is set, soft-weighted by ``gates[i]``."""
-    soft = realized = full = 0.0
-    for g, m, c in zip(gates, masks, unit_costs):
-        soft = soft + g.mean(dim=1).flatten(1).sum(dim=1).float() * c
-        realized = realized + _count(m) * c
-        full = full + float(m[0].numel()) * c
-    full = torch.full_like(realized, full)
-    return Cost(soft, realized, full)
+    def __init__(self) -> None:
+        self.soft: list[torch.Tensor] = []
+        self.realized: list[torch.Tensor] = []
+        self.full = 0.0
+        self.fixed = 0.0
+
+    def path(self, gate: torch.Tensor, mask: torch.Tensor, macs: int) -> None:
+        self.soft.append(gate.flatten(1).sum(dim=1) * (macs / gate.shape[1]))
+        self.realized.append(mask.flatten(1).sum(dim=1) * macs)
+        self.full += mask[0].numel() * macs
+
+    def always(self, macs: float) -> None:
+        self.fixed += macs
+
+    def total(self, batch: int, device: torch.device) -> Cost:
+        full = torch.full((batch,), self.full + self.fixed, device=device)
+        if not self.soft:
+            return Cost(full.clone(), full.clone(), full)
+        soft = torch.stack(self.soft).sum(dim=0).float() + self.fixed
+        realized = torch.stack(self.realized).sum(dim=0).float() + self.fixed
+        return Cost(soft, realized, full)
 
 
 class ScaleUnit(nn.Module):
@@ -151,15 +164,16 @@ class ScaleUnit(nn.Module):
     def sparse(
         self, x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gated unit output at the active pixels only: ``(indices (R, 1+ndim), rows (R, C))``."""
-        n, c, *size = x.shape
-        idx = mask_indices(mask)
-        if idx.shape[0] == 0:
-            return idx, x.new_zeros(0, c)
-        flat = flat_index(idx, size)
-        y = depthwise_conv_rows(to_rows(x), idx, size, self.conv.weight)
-        y = self.norm.forward_rows(y, idx[:, 0].long(), n, overwrite=True)
-        return idx, y * expand_gate(to_rows(g).index_select(0, flat), c)
+        """Gated unit output at the active pixels only: ``(row numbers (R,), rows (R, C))``."""
+        n, c = x.shape[:2]
+        grid = grid_of(x)
+        sites = grid.sites(mask)
+        flat = grid.rows(sites)
+        if flat.shape[0] == 0:
+            return flat, x.new_zeros(0, c)
+        y = depthwise_conv_rows(to_rows(x), grid.table(sites), self.conv.weight)
+        y = self.norm.forward_rows(y, grid.images(flat) if n > 1 else None, n, overwrite=True)
+        return flat, y * expand_gate(to_rows(g).index_select(0, flat), c)
 
 
 class DepthPath(nn.Module):
@@ -231,20 +245,21 @@ class DepthPath(nn.Module):
         self, s: torch.Tensor, g: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor, overwrite: bool
     ) -> torch.Tensor:
         """conv1 exactly at dilate(D) reading the map's rows in place, conv2 exactly at D (CPU default)."""
-        n, c, *size = s.shape
+        n, c = s.shape[:2]
         rows = to_rows(s)
         with record_function("sparsehead.gather"):
-            idx1, idx2 = mask_indices(outer), mask_indices(inner)
-            flat1, flat2 = flat_index(idx1, size), flat_index(idx2, size)
-            table1 = neighbour_table(idx1, size)
-            lookup = torch.full((rows.shape[0],), -1, dtype=torch.int64, device=s.device)
-            lookup[flat1] = torch.arange(idx1.shape[0], device=s.device)
-            table2 = neighbour_table(idx2, size, lookup)
+            grid = grid_of(s)
+            sites1, sites2 = grid.sites(outer), grid.sites(inner)
+            flat2 = grid.rows(sites2)
+            table1 = grid.table(sites1)
+            table2 = grid.table(sites2, grid.lookup(sites1))
+            batch1 = grid.images(grid.rows(sites1)) if n > 1 else None
+            batch2 = grid.images(flat2) if n > 1 else None
         with record_function("sparsehead.depth_conv"):
             h = gather_conv(rows, self.conv1.weight, table1)
-            h = _relu_rows(self.norm1.forward_rows(h, idx1[:, 0].long(), n, overwrite=True))
+            h = _relu_rows(self.norm1.forward_rows(h, batch1, n, overwrite=True))
             h = gather_conv(h, self.conv2.weight, table2)
-            h = self.norm2.forward_rows(h, idx2[:, 0].long(), n, overwrite=True)
+            h = self.norm2.forward_rows(h, batch2, n, overwrite=True)
         with record_function("sparsehead.scatter"):
             return _relu_with_rows(s, rows, flat2, h * expand_gate(to_rows(g).index_select(0, flat2), c), overwrite)
 
@@ -286,8 +301,10 @@ class Router(nn.Module):
         auto_threshold: in ``auto``, a path runs sparse when its active fraction is at most this.
         name: a unique prefix for this router's spconv rulebook key.
 
-    ``forward(features)`` takes a list of (N, C, *spatial_l) maps, finest first, and returns the list of
-    outputs with the same shapes; it sets ``last_cost`` (see :mod:`sparsehead.modeling.cost`). With
+    ``forward(features, overwrite_inputs=False)`` takes a list of (N, C, *spatial_l) maps, finest first,
+    and returns the list of outputs with the same shapes (with ``overwrite_inputs`` the caller hands the
+    maps over: without autograd they may be overwritten, as :class:`~sparsehead.modeling.tower.DynamicTower`
+    does with the maps between its routers); it sets ``last_cost`` (see :mod:`sparsehead.modeling.cost`). With
     ``keep_gates = True`` it also keeps the gates it computed, detached, in ``last_gates``:
     ``{"down": {source_level: (N, G, *spatial)}, "up": {...}, "depth": {level: ...}}`` (a "down" unit at
     level l feeds level l + 1, an "up" unit feeds l - 1).
@@ -347,11 +364,6 @@ class Router(nn.Module):
             return bool(mask.float().mean() <= self.auto_threshold)
         return self.execution == "sparse"
 
-    def _gate_cost(self, gates: Sequence[SpatialGate | None], pixels: int, batch: int, device) -> Cost:
-        macs = sum(g.macs_per_pixel() for g in gates if g is not None) * pixels
-        full = torch.full((batch,), float(macs), device=device)
-        return Cost(full, full.clone(), full.clone())
-
     def _scale_gates(self, x: torch.Tensor, units: Sequence[ScaleUnit]) -> list[torch.Tensor]:
         """Gates (N, G, *spatial) of the scale units that read ``x``; one conv for all when gated."""
         if not self.gated:
@@ -359,14 +371,22 @@ class Router(nn.Module):
         gates = apply_gates([u.gate for u in units], x)
         return [g.expand(-1, -1, *x.shape[2:]) if u.gate.coarse else g for u, g in zip(units, gates)]
 
-    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, features: Sequence[torch.Tensor], overwrite_inputs: bool = False) -> list[torch.Tensor]:
         levels = len(features)
         n = features[0].shape[0]
         device = features[0].device
-        cost = Cost.zeros(n, device)
+        cost = _CostSum()
         kept: dict[str, dict[int, torch.Tensor]] = {"down": {}, "up": {}, "depth": {}}
+        # Without autograd, a map this forward owns (handed over, or a layout copy made here) becomes its
+        # level's node sum in place once the scale units have read it: no new map per level.
+        owned = [overwrite_inputs and not torch.is_grad_enabled()] * levels
         if self.execution == "sparse":
-            features = [channels_last(x) for x in features]  # rows are views of channels-last maps
+            converted = [channels_last(x) for x in features]  # rows are views of channels-last maps
+            owned = [
+                own or (not torch.is_grad_enabled() and y.data_ptr() != x.data_ptr())
+                for own, x, y in zip(owned, features, converted)
+            ]
+            features = converted
 
         # Scale units at their source levels; each returns dense maps or (indices, rows) contributions.
         dense_in: list[list[torch.Tensor]] = [[] for _ in range(levels)]
@@ -379,18 +399,20 @@ class Router(nn.Module):
                 mask = gate_mask(g)
                 if self.keep_gates:
                     kept["down" if unit is self.down else "up"][src] = g.detach()
-                cost = cost + _path_cost([g], [mask], [unit.macs_per_pixel()])
-                cost = cost + self._gate_cost([unit.gate], mask[0].numel(), n, device)
+                cost.path(g, mask, unit.macs_per_pixel())
+                if unit.gate is not None:
+                    cost.always(unit.gate.macs_per_pixel() * mask[0].numel())
                 dst_size = tuple(features[dst].shape[2:])
                 with record_function("sparsehead.scale"):
                     if self._sparse_here(mask):
                         x = channels_last(x)  # once per level; a no-op in sparse mode
-                        idx, rows = unit.sparse(x, g, mask)
-                        if idx.shape[0]:
+                        flat, rows = unit.sparse(x, g, mask)
+                        if flat.shape[0]:
+                            size = tuple(x.shape[2:])
                             if dst > src:
-                                rows_in[dst].append(downsample_rows(idx, rows))
+                                rows_in[dst].append(downsample_rows(flat, rows, n, size))
                             else:
-                                rows_in[dst].append(upsample_rows(idx, rows, dst_size))
+                                rows_in[dst].append(upsample_rows(flat, rows, n, size, dst_size))
                     else:
                         u = unit.dense(x, g, mask)
                         dense_in[dst].append(downsample(u) if dst > src else upsample(u, dst_size))
@@ -398,25 +420,28 @@ class Router(nn.Module):
         outputs = []
         for lvl, x in enumerate(features):
             with record_function("sparsehead.scatter"):
-                s = self.output_weight * x
+                s = x.mul_(self.output_weight) if owned[lvl] else self.output_weight * x
                 for u in dense_in[lvl]:
                     s = s + self.scale_weight * u
                 if rows_in[lvl]:
                     s = channels_last(s)  # a fresh tensor: adding into it in place is safe
-                    for idx, rows in rows_in[lvl]:
-                        to_rows(s).index_add_(0, flat_index(idx, x.shape[2:]), rows * self.scale_weight)
+                    for flat, rows in rows_in[lvl]:
+                        to_rows(s).index_add_(0, flat, rows * self.scale_weight)
                     rows_in[lvl] = []
             with record_function("sparsehead.gate"):
                 g, inner, outer = self.depth.gate_and_masks(s)
             if self.keep_gates:
                 kept["depth"][lvl] = g.detach()
-            cost = cost + _path_cost([pool_gate(g), g], [outer, inner], self.depth.unit_costs())
-            cost = cost + self._gate_cost([self.depth.gate], inner[0].numel(), n, device)
+            conv1_macs, conv2_macs = self.depth.unit_costs()
+            cost.path(pool_gate(g), outer, conv1_macs)
+            cost.path(g, inner, conv2_macs)
+            if self.depth.gate is not None:
+                cost.always(self.depth.gate.macs_per_pixel() * inner[0].numel())
             if self._sparse_here(outer):
                 outputs.append(self.depth.sparse(s, g, inner, outer, overwrite=True))  # s is this forward's own
             else:
                 with record_function("sparsehead.depth_conv"):
                     outputs.append(self.depth.dense(s, g, inner, outer))
-        self.last_cost = cost
+        self.last_cost = cost.total(n, device)
         self.last_gates = kept if self.keep_gates else {}
         return outputs

@@ -141,6 +141,6 @@ class DynamicTower(ExecutionMixin, nn.Module):
             return forward_sparse(self, features)
         self.check_features(features)
         out = list(features)
-        for router in self.routers:
-            out = router(out)
+        for i, router in enumerate(self.routers):
+            out = router(out, overwrite_inputs=i > 0)  # the maps between routers are the tower's own
         return out

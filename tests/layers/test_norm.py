@@ -91,3 +91,42 @@ def test_rows_overwrite_only_without_autograd(batch):
         out = norm.forward_rows(rows, index, batch, overwrite=True)
     assert out.data_ptr() == rows.data_ptr()
     assert torch.allclose(out, expected.detach(), atol=1e-6)
+
+
+@pytest.mark.parametrize("subset", [False, True])
+def test_rows_one_image_far_from_zero_mean(subset):
+    """One image: the statistics come from shifted data, so a mean far from zero costs no precision;
+    values and gradients match the float64 reference, with and without a statistics mask."""
+    torch.manual_seed(2)
+    norm = MaskedGroupNorm(4, 8)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    rows = (1000.0 + 0.1 * torch.randn(50, 8)).requires_grad_()
+    mask = torch.rand(50) < 0.5 if subset else None
+    out = norm.forward_rows(rows, None, 1, mask)
+    ref_rows = rows.detach().double().requires_grad_()
+    stats = ref_rows if mask is None else ref_rows[mask]
+    var, mean = torch.var_mean(stats.view(-1, 4, 2), dim=(0, 2), correction=0)
+    ref = (ref_rows.view(-1, 4, 2) - mean[:, None]) * torch.rsqrt(var + norm.eps)[:, None]
+    ref = ref.reshape(-1, 8) * norm.weight.double() + norm.bias.double()
+    assert torch.allclose(out.double(), ref, atol=2e-3)
+    upstream = torch.randn(50, 8)
+    (grad,) = torch.autograd.grad(out, rows, upstream)
+    (ref_grad,) = torch.autograd.grad(ref, ref_rows, upstream.double())
+    assert torch.allclose(grad.double(), ref_grad, atol=0.05 * ref_grad.abs().max().item())
+
+
+def test_rows_need_batch_indices_for_several_images():
+    norm = MaskedGroupNorm(2, 4)
+    with pytest.raises(ValueError, match="batch indices"):
+        norm.forward_rows(torch.randn(6, 4), None, 2)
+
+
+def test_rows_one_channel_per_group_in_place():
+    """With one channel per group the shift is a row's own values: it must be a copy."""
+    norm = MaskedGroupNorm(4, 4)
+    rows = torch.randn(9, 4) + 5.0
+    expected = norm.forward_rows(rows, None, 1)
+    with torch.no_grad():
+        out = norm.forward_rows(rows.clone(), None, 1, overwrite=True)
+    assert torch.allclose(out, expected, atol=1e-5)

@@ -27,16 +27,16 @@ def test_row_resampling_equals_dense(size):
     ndim = len(size)
     mask = torch.rand(2, 1, *size) < 0.4
     x = torch.randn(2, 3, *size) * mask
-    idx = mask_indices(mask)
-    rows = to_rows(channels_last(x)).index_select(0, flat_index(idx, size))
+    flat = flat_index(mask_indices(mask), size)
+    rows = to_rows(channels_last(x)).index_select(0, flat)
 
     coarse = half_size(size)
-    cidx, crows = downsample_rows(idx, rows)
-    out = torch.zeros(2 * torch.Size(coarse).numel(), 3).index_add(0, flat_index(cidx, coarse), crows)
+    cflat, crows = downsample_rows(flat, rows, 2, size)
+    out = torch.zeros(2 * torch.Size(coarse).numel(), 3).index_add(0, cflat, crows)
     assert torch.allclose(from_rows(out, (2, 3, *coarse)), downsample(x), atol=1e-6)
 
-    fine = [2 * s - 1 for s in size]  # an odd finer level: the last children are cropped
-    fidx, frows = upsample_rows(idx, rows, fine)
-    out = torch.zeros(2 * torch.Size(fine).numel(), 3).index_add(0, flat_index(fidx, fine), frows)
-    assert torch.allclose(from_rows(out, (2, 3, *fine)), upsample(x, fine))
-    assert fidx.shape[0] <= idx.shape[0] * 2**ndim
+    for fine in ([2 * s for s in size], [2 * s - 1 for s in size]):  # odd: the last children are cropped
+        fflat, frows = upsample_rows(flat, rows, 2, size, fine)
+        out = torch.zeros(2 * torch.Size(fine).numel(), 3).index_add(0, fflat, frows)
+        assert torch.allclose(from_rows(out, (2, 3, *fine)), upsample(x, fine))
+        assert fflat.shape[0] <= flat.shape[0] * 2**ndim

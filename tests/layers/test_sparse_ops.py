@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from spconv.core import ConvAlgo
 
 from sparsehead.layers.sparse import (
+    Grid,
     SubMConv,
     channels_last,
     conv_algo,
@@ -12,8 +13,8 @@ from sparsehead.layers.sparse import (
     dilate,
     flat_index,
     gather_conv,
+    grid_of,
     mask_indices,
-    neighbour_table,
     to_rows,
 )
 
@@ -32,9 +33,11 @@ def test_depthwise_rows_equal_grouped_conv(size):
     conv = F.conv2d if ndim == 2 else F.conv3d
     ref = conv(x, w, padding=1, groups=6)
     mask = torch.rand(2, 1, *size) < 0.5
-    idx = mask_indices(mask)
-    flat = flat_index(idx, size)
-    out = depthwise_conv_rows(to_rows(channels_last(x)), idx, size, w)
+    grid = grid_of(x)
+    sites = grid.sites(mask)
+    flat = grid.rows(sites)
+    assert torch.equal(flat, flat_index(mask_indices(mask), size))
+    out = depthwise_conv_rows(to_rows(channels_last(x)), grid.table(sites), w)
     expected = to_rows(channels_last(ref)).index_select(0, flat)
     assert torch.allclose(out, expected, atol=1e-5)
     gx, gw = torch.autograd.grad(out.square().sum(), (x, w))
@@ -94,8 +97,10 @@ def test_gather_conv_computes_exact_output_set(size):
     conv = F.conv2d if ndim == 2 else F.conv3d
     out_mask = torch.rand(2, 1, *size) < 0.3
     idx = mask_indices(out_mask)
+    grid = grid_of(x)
+    sites = grid.sites(out_mask)
     rows = to_rows(channels_last(x))
-    got = gather_conv(rows, w, neighbour_table(idx, size))
+    got = gather_conv(rows, w, grid.table(sites))
     ref = conv(x, w.movedim(-1, 1), padding=1)
     expected = to_rows(channels_last(ref)).index_select(0, flat_index(idx, size))
     assert torch.allclose(got, expected)
@@ -105,11 +110,9 @@ def test_gather_conv_computes_exact_output_set(size):
 
     # Inputs from a subset of rows (zeros elsewhere) through a lookup table.
     in_mask = dilate(out_mask) & (torch.rand(2, 1, *size) < 0.7)
-    in_idx = mask_indices(in_mask)
-    in_flat = flat_index(in_idx, size)
-    lookup = torch.full((rows.shape[0],), -1, dtype=torch.int64)
-    lookup[in_flat] = torch.arange(in_idx.shape[0])
-    got = gather_conv(rows.index_select(0, in_flat), w, neighbour_table(idx, size, lookup))
+    in_sites = grid.sites(in_mask)
+    in_flat = grid.rows(in_sites)
+    got = gather_conv(rows.index_select(0, in_flat), w, grid.table(sites, grid.lookup(in_sites)))
     ref = conv(x * in_mask, w.movedim(-1, 1), padding=1)
     assert torch.allclose(got, to_rows(channels_last(ref)).index_select(0, flat_index(idx, size)))
     gx, gw = torch.autograd.grad(got.sin().sum(), (x, w))
@@ -117,37 +120,56 @@ def test_gather_conv_computes_exact_output_set(size):
     assert torch.allclose(gx, rx) and torch.allclose(gw, rw)
 
 
-def test_gather_conv_chunks_agree_with_one_gemm(monkeypatch):
-    """Outputs and gradients do not depend on how many rows each GEMM takes."""
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_gathered_convs_do_not_depend_on_chunks(monkeypatch, depthwise):
+    """Outputs and gradients do not depend on how many rows each gathered chunk takes."""
     import sparsehead.layers.sparse as sparse
 
     torch.manual_seed(0)
     size = (11, 13)
     x = torch.randn(1, 4, *size, dtype=torch.float64)
-    w = torch.randn(3, 3, 3, 4, dtype=torch.float64)
-    idx = mask_indices(torch.rand(1, 1, *size) < 0.5)
-    table = neighbour_table(idx, size)
+    w = torch.randn(4, 1, 3, 3, dtype=torch.float64) if depthwise else torch.randn(3, 3, 3, 4, dtype=torch.float64)
+    mask = torch.rand(1, 1, *size) < 0.5
+    grid = Grid(1, size, "cpu")
+    table = grid.table(grid.sites(mask))
 
     def run():
         xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
-        out = gather_conv(to_rows(channels_last(xs)), ws, table)
+        rows = to_rows(channels_last(xs))
+        out = depthwise_conv_rows(rows, table, ws) if depthwise else gather_conv(rows, ws, table)
         return (out, *torch.autograd.grad(out.cos().sum(), (xs, ws)))
 
     whole = run()
-    monkeypatch.setattr(sparse, "_GATHER_CHUNK_BYTES", 3 * 36 * 8)  # 3 rows per GEMM
-    assert len(sparse._gather_chunks(table, 36 * 8)) == -(-idx.shape[0] // 3) > 1
+    monkeypatch.setattr(sparse, "_GATHER_CHUNK_BYTES", 3 * 36 * 8)  # 3 rows per chunk
+    assert len(sparse._gather_chunks(table, 36 * 8)) == -(-int(mask.sum()) // 3) > 1
     assert (table < 0).any()  # the chunks must also carry the zero padding
     for a, b in zip(whole, run()):
         assert torch.allclose(a, b)
 
 
-def test_neighbour_table_marks_outside_and_missing_pixels():
+def test_grid_table_marks_outside_and_missing_pixels():
     size = (3, 4)
-    idx = torch.tensor([[0, 0, 0], [0, 1, 2]], dtype=torch.int32)
-    table = neighbour_table(idx, size)
+    grid = Grid(1, size, "cpu")
+    mask = torch.zeros(1, 1, *size, dtype=torch.bool)
+    mask[0, 0, 0, 0] = mask[0, 0, 1, 2] = True
+    sites = grid.sites(mask)
+    assert grid.rows(sites).tolist() == [0, 6]
+    table = grid.table(sites)
     # Corner pixel (0, 0): taps with a -1 row or column offset fall outside the grid.
     assert table[0].tolist() == [-1, -1, -1, -1, 0, 1, -1, 4, 5]
     assert table[1].tolist() == [1, 2, 3, 5, 6, 7, 9, 10, 11]
-    lookup = torch.full((12,), -1, dtype=torch.int64)
-    lookup[6] = 0  # only pixel (1, 2) has an input row
-    assert neighbour_table(idx, size, lookup)[1].tolist() == [-1, -1, -1, -1, 0, -1, -1, -1, -1]
+    only = torch.zeros_like(mask)
+    only[0, 0, 1, 2] = True  # only pixel (1, 2) has an input row
+    assert grid.table(sites, grid.lookup(grid.sites(only)))[1].tolist() == [-1, -1, -1, -1, 0, -1, -1, -1, -1]
+
+
+@pytest.mark.parametrize("size", [(4, 5), (3, 2, 4)])
+def test_grid_rows_and_images_follow_mask_order(size):
+    torch.manual_seed(0)
+    mask = torch.rand(3, 1, *size) < 0.5
+    grid = grid_of(torch.empty(3, 1, *size))
+    flat = grid.rows(grid.sites(mask))
+    idx = mask_indices(mask)
+    assert torch.equal(flat, flat_index(idx, size))
+    assert torch.equal(grid.images(flat), idx[:, 0].long())
+    assert grid_of(torch.empty(3, 7, *size)) is grid  # cached per shape and device

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from sparsehead import DynamicTower, SpatialGate, collect_cost
+from sparsehead.layers.sparse import channels_last
 from sparsehead.modeling.router import DepthPath
 
 
@@ -203,7 +204,8 @@ def test_float32_dense_equals_sparse(make_pyramid):
 
 @pytest.mark.parametrize("rulebook", ["exact", "submanifold"])
 def test_inference_without_autograd_matches_and_leaves_inputs_untouched(make_pyramid, rulebook):
-    """Without autograd the sparse mode writes its outputs into its own node sums, never into inputs."""
+    """Without autograd the routers write into maps they own (the maps between a tower's routers, layout
+    copies), never into the tower's inputs."""
     tower = DynamicTower(16, 2, gn_groups=4, num_levels=4)
     _use_rulebook(tower, rulebook)
     _randomise(tower, seed=14)
@@ -213,7 +215,7 @@ def test_inference_without_autograd_matches_and_leaves_inputs_untouched(make_pyr
     originals = [f.clone() for f in feats]
     tower.set_execution("dense")
     reference = tower(feats)
-    for mode in ("sparse", "auto"):
+    for mode in ("dense", "sparse", "auto"):
         tower.set_execution(mode)
         with torch.no_grad():
             out = tower(feats)
@@ -222,3 +224,22 @@ def test_inference_without_autograd_matches_and_leaves_inputs_untouched(make_pyr
         for x, y in zip(out, reference):
             _assert_close(x, y.detach(), f"{mode} output")
         assert len({o.data_ptr() for o in out} | {f.data_ptr() for f in feats}) == 2 * len(feats)
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse", "auto"])
+def test_router_overwrites_handed_over_maps_only_without_autograd(make_pyramid, mode):
+    tower = DynamicTower(16, 1, gn_groups=4, num_levels=3, execution=mode)
+    _randomise(tower, seed=16)
+    _control_gates(tower, lambda shape, i: _pattern(shape, [0.2, 0.6, 1.0][i % 3], i))
+    router = tower.routers[0]
+    feats = [channels_last(f) for f in make_pyramid(1, 16, (12, 10), 3, seed=17)]
+    originals = [f.clone() for f in feats]
+    reference = router(feats)
+    again = router(feats, overwrite_inputs=True)  # autograd on: nothing is overwritten
+    assert all(torch.equal(f, o) for f, o in zip(feats, originals))
+    with torch.no_grad():
+        handed = router(feats, overwrite_inputs=True)
+    assert any(not torch.equal(f, o) for f, o in zip(feats, originals))  # the maps were reused
+    for x, y, z in zip(reference, again, handed):
+        _assert_close(y, x, f"{mode} output")
+        _assert_close(z, x.detach(), f"{mode} output")
