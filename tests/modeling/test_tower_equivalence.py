@@ -6,7 +6,7 @@ import torch
 
 from sparsehead import DynamicTower, SpatialGate, collect_cost
 from sparsehead.layers.sparse import channels_last
-from sparsehead.modeling.router import DepthPath
+from sparsehead.modeling.router import DepthPath, ScaleUnit
 
 
 def _use_rulebook(tower: DynamicTower, rulebook: str) -> None:
@@ -122,6 +122,18 @@ def test_2d_tower_dense_equals_sparse(make_pyramid, density, rulebook):
         gates = [m for m in tower.modules() if isinstance(m, SpatialGate)]
         assert torch.all(cost.soft == 0) or torch.all(cost.realized < cost.full)
         assert all(g.conv.weight.grad is None or torch.all(g.conv.weight.grad == 0) for g in gates)
+
+
+@pytest.mark.parametrize("gather_fraction", [0.0, 1.0])
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_scale_units_gathered_or_full_map_depthwise_agree(make_pyramid, gather_fraction, ndim, monkeypatch):
+    """Both ways the sparse mode runs a scale unit's depthwise conv compute the dense function."""
+    monkeypatch.setattr(ScaleUnit, "gather_fraction", gather_fraction)
+    tower = DynamicTower(8, 1, ndim=ndim, gn_groups=2, num_levels=3)
+    _randomise(tower, seed=3)
+    _control_gates(tower, DENSITIES["mixed_batch"])
+    size = (9, 11) if ndim == 2 else (5, 6, 7)
+    _check_equivalence(tower, make_pyramid(2, 8, size, 3, seed=4))
 
 
 def test_2d_natural_gates_without_control(make_pyramid):
