@@ -74,13 +74,14 @@ class MaskedGroupNorm(nn.Module):
             # not cancel; the shift changes the mean only, and is not differentiated (the result does
             # not depend on it).
             stats = rows if mask is None else rows[mask]
-            offset = self._offset(stats)  # (1, C)
+            offset = self._offset(stats)  # (1, G, 1)
             if mask is None:  # normalise the shifted rows themselves
-                rows = rows.sub_(offset) if inplace else rows - offset
+                grouped = rows.reshape(-1, g, c // g)
+                rows = (grouped.sub_(offset) if inplace else grouped - offset).view(-1, c)
                 mean, var = self._moments(rows)
-            else:
-                mean, var = self._moments(stats.sub_(offset))  # a copy: shift it in place
-                mean = mean + offset.view(g, -1)[:, 0]
+            else:  # a copy: shift it in place
+                mean, var = self._moments(stats.view(-1, g, c // g).sub_(offset).view(-1, c))
+                mean = mean + offset.view(1, g)
         else:
             stats_rows, stats_batch = (rows, batch) if mask is None else (rows[mask], batch[mask])
             mean, var = self._batch_moments(stats_rows, stats_batch, batch_size)  # (N, G) each
@@ -93,12 +94,11 @@ class MaskedGroupNorm(nn.Module):
         return torch.addcmul(shift, rows, scale)
 
     def _offset(self, rows: torch.Tensor) -> torch.Tensor:
-        """(1, C): the first row's first value of each channel group, repeated over the group (zeros
-        when there is no row); a copy, detached."""
-        c, g = rows.shape[1], self.num_groups
+        """(1, G, 1): the first row's first value of each channel group (zeros when there is no row);
+        a copy, detached."""
         if rows.shape[0] == 0:
-            return rows.new_zeros(1, c)
-        return rows[0].detach().view(g, -1)[:, :1].expand(g, c // g).reshape(1, c).clone()
+            return rows.new_zeros(1, self.num_groups, 1)
+        return rows[0, :: rows.shape[1] // self.num_groups].detach().clone().view(1, -1, 1)
 
     def _moments(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and (biased) variance per group (1, G) of the rows (R, C) of one image; zeros without rows."""
