@@ -1,6 +1,7 @@
 """Evaluate a detector: ``python tools/eval.py CONFIG --weights CKPT [key=value ...]``.
 
-Writes ``output_dir/metrics.json`` (COCO box AP as fractions and realised head GMACs per image).
+Writes ``output_dir/eval_metrics.json`` (COCO box AP as fractions and realised head GMACs per image),
+replacing the previous evaluation's; a training run's ``metrics.json`` in that folder is left as it is.
 """
 
 from sparsehead.engine import eval_main

@@ -15,7 +15,10 @@ from .data import build_test_loader
 from .distributed import destroy_distributed, init_distributed, resolve_device, set_num_threads
 from .evaluation import evaluate, format_summary
 from .logger import setup_logging
-from .trainer import METRICS, RunError, Trainer, build_datasets, prepare_data
+from .trainer import RunError, Trainer, build_datasets, prepare_data
+
+# The evaluation tool's own file: a training run's ``metrics.json`` in the same folder is left as it is.
+EVAL_METRICS = "eval_metrics.json"
 
 __all__ = ["train_main", "eval_main", "run_evaluation"]
 
@@ -49,7 +52,8 @@ def train_main(argv: Optional[List[str]] = None) -> Dict[str, float]:
 
 
 def run_evaluation(cfg: DictConfig, weights: str) -> Dict[str, float]:
-    """Evaluate ``weights`` on ``cfg.data.val``; rank 0 writes ``output_dir/metrics.json``."""
+    """Evaluate ``weights`` on ``cfg.data.val``; rank 0 writes ``output_dir/eval_metrics.json`` (replacing
+    the previous evaluation's, never the training run's ``metrics.json``)."""
     from sparsehead.data import collate_fn
     from sparsehead.modeling.build import build_model
 
@@ -71,8 +75,8 @@ def run_evaluation(cfg: DictConfig, weights: str) -> Dict[str, float]:
     logger.info("Evaluating %s on %s (%d images)", weights, cfg.data.val.ann_file, len(val_set))
     metrics = evaluate(model, loader, val_set, device)
     if rank == 0:
-        atomic_write_json(metrics, out / METRICS)
-        print(f"[sparsehead] {out / METRICS}: {format_summary(metrics)}", flush=True)
+        atomic_write_json(metrics, out / EVAL_METRICS)
+        print(f"[sparsehead] {out / EVAL_METRICS}: {format_summary(metrics)}", flush=True)
     return metrics
 
 

@@ -18,8 +18,9 @@ Execution modes, one set of weights:
 - ``dense``: every conv on the full maps, outputs multiplied by the gates (the reference).
 - ``sparse``: the gates are computed on the full maps (they are what decides), every gated path runs
   only where it is active: the depth path as sparse convs at exactly the pixels it needs (CPU) or as
-  spconv submanifold convs sharing one rulebook (CUDA; see :class:`DepthPath`), the scale units as
-  depthwise convs on gathered rows, resampled row-wise and added into the dense node sum.
+  spconv submanifold convs sharing one rulebook (CUDA; see :class:`DepthPath`), the scale units'
+  norms and gates on their active rows (their depthwise conv on gathered neighbours, or over the map
+  when that is cheaper; see :class:`ScaleUnit`), resampled row-wise and added into the dense node sum.
   Maps are kept channels-last so gathering and scattering rows needs no layout copy.
 - ``auto``: per level and path, ``sparse`` when the path's active fraction is at most
   ``auto_threshold``, else ``dense``.

@@ -193,10 +193,11 @@ def test_bad_inputs_fail_before_training(dataset_root, tmp_path):
 def test_eval_writes_metrics_and_rejects_other_architecture(dataset_root, tmp_path):
     out = tmp_path / "run"
     Trainer(tiny_cfg(dataset_root, out, **{"solver.max_iter": 2})).run()
-    train_metrics = json.loads((out / "metrics.json").read_text())
-    (out / "metrics.json").unlink()
+    train_text = (out / "metrics.json").read_text()
+    train_metrics = json.loads(train_text)
     metrics = run_evaluation(tiny_cfg(dataset_root, out), str(out / "model_final.pth"))
-    written = json.loads((out / "metrics.json").read_text())
+    assert (out / "metrics.json").read_text() == train_text  # the training run's file is kept
+    written = json.loads((out / "eval_metrics.json").read_text())
     for key in METRIC_KEYS:
         assert key in written and key in train_metrics
     for key in METRIC_KEYS[:6]:
