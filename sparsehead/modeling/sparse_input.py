@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from ..layers.gates import SpatialGate, expand_gate, gate_mask, pool_gate
 from ..layers.resample import downsample, half_size, upsample
-from ..layers.sparse import dilate, flat_index, gather_conv, kernel_offsets
+from ..layers.sparse import depthwise_conv_rows, dilate, flat_index, gather_conv, kernel_offsets
 from .cost import Cost
 from .router import Router
 from .tower import DynamicTower
@@ -218,10 +218,6 @@ def _pad(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
 
 
-def _gather_offset(padded: torch.Tensor, nbr: torch.Tensor, k: int) -> torch.Tensor:
-    return padded.index_select(0, nbr[:, k].where(nbr[:, k] >= 0, padded.shape[0] - 1))
-
-
 # ------------------------------------------------------------------------------------------ sparse rows
 
 
@@ -235,16 +231,6 @@ def _gate_rows(gate: SpatialGate | None, rows: torch.Tensor, lvl: _Level) -> tor
         mean = rows.new_zeros(lvl.n, logits.shape[1]).index_add(0, lvl.batch, logits)
         logits = (mean / lvl.voxels.clamp_min(1.0).to(rows.dtype)[:, None])[lvl.batch]
     return gate.activation(logits)
-
-
-def _depthwise_rows(rows: torch.Tensor, weight: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
-    """Depthwise conv (weight (C, 1, *kernel)) at the rows of ``nbr`` (Q, K), reading ``rows`` (R, C)."""
-    w = weight.flatten(1)  # (C, K)
-    padded = _pad(rows)
-    out = rows.new_zeros(nbr.shape[0], rows.shape[1])
-    for k in range(w.shape[1]):
-        out = out + _gather_offset(padded, nbr, k) * w[:, k]
-    return out
 
 
 def _dilate_rows(mask: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
@@ -315,7 +301,7 @@ def _router_sparse(router: Router, feats: list[torch.Tensor], levels: list[_Leve
             act = mask.nonzero()[:, 0]
             if act.numel() == 0:
                 continue
-            y = _depthwise_rows(x, unit.conv.weight, lvl.neighbours.index_select(0, act))
+            y = depthwise_conv_rows(x, lvl.neighbours.index_select(0, act), unit.conv.weight)
             y = unit.norm.forward_rows(y, lvl.batch.index_select(0, act), n)
             u = y * expand_gate(g.index_select(0, act), x.shape[1]) * router.scale_weight
             if dst > src:  # down: each active voxel adds rows / 2^ndim to its parent, if the parent exists
