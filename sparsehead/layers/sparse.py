@@ -124,7 +124,8 @@ def mask_indices(mask: torch.Tensor) -> torch.Tensor:
 def dilate(mask: torch.Tensor) -> torch.Tensor:
     """3^ndim dilation of a bool mask (N, 1, *spatial): the pixels a 3^ndim conv reads."""
     pool = F.max_pool2d if mask.dim() == 4 else F.max_pool3d
-    return pool(mask.to(torch.uint8 if mask.device.type == "cuda" else torch.float32), 3, 1, 1) > 0
+    # CUDA max-pooling has no integer kernels; half is exact for 0/1 and moves half the bytes.
+    return pool(mask.to(torch.float16 if mask.device.type == "cuda" else torch.float32), 3, 1, 1) > 0
 
 
 def kernel_offsets(ndim: int, kernel_size: int = 3) -> torch.Tensor:

@@ -187,16 +187,29 @@ class ScaleUnit(nn.Module):
         return flat, y * expand_gate(to_rows(g).index_select(0, flat), c)
 
 
+# spconv's CUDA kernels exist for these dtypes only (no float64, no bfloat16).
+_SPCONV_CUDA_DTYPES = (torch.float32, torch.float16)
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` ("cpu", "cuda")."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
 class DepthPath(nn.Module):
     """Gated residual bottleneck of two 3^ndim convs with GroupNorm (the router's depth path).
 
     The convs hold spconv weights (C, *kernel, C); the dense mode runs them with torch's conv. The sparse
     mode has two implementations of the same function, chosen by ``rulebook``:
 
-    - ``exact`` (default on CPU): conv1 at dilate(D) reading the map's rows in place, conv2 at D, each a
-      GEMM over gathered neighbour rows (:func:`~sparsehead.layers.sparse.gather_conv`). No pixel is
-      computed in vain.
-    - ``submanifold`` (default on CUDA, where spconv's implicit-GEMM kernels need their own rulebooks):
+    - ``exact`` (default on CPU, and on CUDA for float64): conv1 at dilate(D) reading the map's rows in
+      place, conv2 at D, each a GEMM over gathered neighbour rows
+      (:func:`~sparsehead.layers.sparse.gather_conv`). No pixel is computed in vain.
+    - ``submanifold`` (default on CUDA in float32/float16, where spconv's implicit-GEMM kernels need their
+      own rulebooks):
       both convs as spconv ``SubMConv`` on dilate(dilate(D)) sharing one rulebook; rows outside the
       conv's own set are computed, then ignored.
     """
@@ -247,7 +260,7 @@ class DepthPath(nn.Module):
         s = channels_last(s)
         if not bool(outer.any()):
             return _relu_map(s, overwrite)
-        method = self.rulebook or ("submanifold" if s.is_cuda else "exact")
+        method = self.rulebook or ("submanifold" if s.is_cuda and s.dtype in _SPCONV_CUDA_DTYPES else "exact")
         if method == "exact":
             return self._sparse_exact(s, g, inner, outer, overwrite)
         return self._sparse_submanifold(s, g, inner, outer, overwrite)
@@ -383,9 +396,14 @@ class Router(nn.Module):
         return [g.expand(-1, -1, *x.shape[2:]) if u.gate.coarse else g for u, g in zip(units, gates)]
 
     def forward(self, features: Sequence[torch.Tensor], overwrite_inputs: bool = False) -> list[torch.Tensor]:
+        device = features[0].device
+        if autocast_enabled(device.type):
+            # Mixed precision: the router runs in float32 with autocast off, so that all three modes compute
+            # one function (masked statistics and row scatters need one dtype; spconv has no bfloat16).
+            with torch.autocast(device.type, enabled=False):
+                return self.forward([x.float() for x in features], overwrite_inputs)
         levels = len(features)
         n = features[0].shape[0]
-        device = features[0].device
         cost = _CostSum()
         kept: dict[str, dict[int, torch.Tensor]] = {"down": {}, "up": {}, "depth": {}}
         # Without autograd, a map this forward owns (handed over, or a layout copy made here) becomes its

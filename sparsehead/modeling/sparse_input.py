@@ -51,7 +51,7 @@ from ..layers.gates import SpatialGate, expand_gate, gate_mask, pool_gate
 from ..layers.resample import downsample, half_size, upsample
 from ..layers.sparse import depthwise_conv_rows, dilate, flat_index, gather_conv, kernel_offsets
 from .cost import Cost
-from .router import Router
+from .router import Router, autocast_enabled
 from .tower import DynamicTower
 
 __all__ = ["forward_sparse", "check_sparse_input"]
@@ -126,7 +126,7 @@ def check_sparse_input(tower: DynamicTower, features: SparseInput) -> list[spcon
         _check_level(x, tower, f"features[{i}]")
     first = levels[0]
     param = next(tower.parameters())
-    if first.features.dtype != param.dtype:
+    if first.features.dtype != param.dtype and not autocast_enabled(first.features.device.type):
         raise ValueError(f"features are {first.features.dtype} but the tower's weights are {param.dtype}")
     for i, x in enumerate(levels[1:], 1):
         if x.batch_size != first.batch_size:
@@ -405,6 +405,12 @@ def forward_sparse(tower: DynamicTower, features: SparseInput) -> SparseInput:
         batch size, and features (R_l, C). Each router's ``last_cost`` is set.
     """
     levels_in = check_sparse_input(tower, features)
+    device_type = levels_in[0].features.device.type
+    if autocast_enabled(device_type):
+        # Mixed precision: the routers run in float32 with autocast off (as Router.forward does).
+        with torch.autocast(device_type, enabled=False):
+            out = forward_sparse(tower, [x.replace_feature(x.features.float()) for x in levels_in])
+        return out[0] if isinstance(features, spconv.SparseConvTensor) else out
     levels = [_Level(x) for x in levels_in]
     parents = [lvl.parents_in(levels[i + 1]) for i, lvl in enumerate(levels[:-1])]
     feats = [x.features for x in levels_in]

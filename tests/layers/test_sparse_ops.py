@@ -25,14 +25,14 @@ def test_algorithm_follows_device():
 
 
 @pytest.mark.parametrize("size", [(9, 7), (5, 6, 4)])
-def test_depthwise_rows_equal_grouped_conv(size):
+def test_depthwise_rows_equal_grouped_conv(size, device):
     torch.manual_seed(0)
     ndim = len(size)
-    x = torch.randn(2, 6, *size, requires_grad=True)
-    w = torch.randn(6, 1, *([3] * ndim), requires_grad=True)
+    x = torch.randn(2, 6, *size, device=device, requires_grad=True)
+    w = torch.randn(6, 1, *([3] * ndim), device=device, requires_grad=True)
     conv = F.conv2d if ndim == 2 else F.conv3d
     ref = conv(x, w, padding=1, groups=6)
-    mask = torch.rand(2, 1, *size) < 0.5
+    mask = torch.rand(2, 1, *size, device=device) < 0.5
     grid = grid_of(x)
     sites = grid.sites(mask)
     flat = grid.rows(sites)
@@ -46,19 +46,27 @@ def test_depthwise_rows_equal_grouped_conv(size):
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
-def test_submconv_matches_dense_conv_on_its_index_set(ndim):
+def test_submconv_matches_dense_conv_on_its_index_set(ndim, device):
+    """Forward and backward (input and weight gradients) of spconv's submanifold conv on the device's
+    algorithm (Native on CPU, MaskImplicitGemm on CUDA) against torch's dense conv on masked maps."""
     torch.manual_seed(0)
     size = (8, 7) if ndim == 2 else (5, 6, 4)
-    conv = SubMConv(ndim, 5, 4, 3, indice_key="k")
-    x = torch.randn(2, 5, *size)
-    mask = torch.rand(2, 1, *size) < 0.4
+    conv = SubMConv(ndim, 5, 4, 3, indice_key="k").to(device)
+    x = torch.randn(2, 5, *size, device=device)
+    mask = torch.rand(2, 1, *size, device=device) < 0.4
     idx = mask_indices(mask)
     assert idx.is_contiguous() and idx.dtype == torch.int32
-    rows = to_rows(channels_last(x)).index_select(0, flat_index(idx, size))
+    rows = to_rows(channels_last(x)).index_select(0, flat_index(idx, size)).requires_grad_()
     out = conv(spconv.SparseConvTensor(rows, idx, list(size), 2)).dense()
     dense_conv = F.conv2d if ndim == 2 else F.conv3d
-    ref = dense_conv(x * mask, conv.dense_weight(), padding=1) * mask
+    xs = x.clone().requires_grad_()
+    ref = dense_conv(xs * mask, conv.dense_weight(), padding=1) * mask
     assert torch.allclose(out, ref, atol=1e-5)
+    upstream = torch.randn_like(ref)
+    grad_rows, grad_w = torch.autograd.grad((out * upstream).sum(), (rows, conv.weight))
+    ref_x, ref_w = torch.autograd.grad((ref * upstream).sum(), (xs, conv.weight))
+    assert torch.allclose(grad_rows, to_rows(channels_last(ref_x)).index_select(0, flat_index(idx, size)), atol=1e-5)
+    assert torch.allclose(grad_w, ref_w, atol=1e-4)
 
 
 def test_dilate_is_3x3_neighbourhood():
@@ -88,14 +96,14 @@ def test_submconv_is_correct_with_two_threads():
 
 
 @pytest.mark.parametrize("size", [(9, 7), (5, 4, 6)])
-def test_gather_conv_computes_exact_output_set(size):
+def test_gather_conv_computes_exact_output_set(size, device):
     """Outputs on one pixel set, inputs read from the whole map's rows or from another row set."""
     torch.manual_seed(0)
     ndim = len(size)
-    x = torch.randn(2, 6, *size, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(5, *([3] * ndim), 6, dtype=torch.float64, requires_grad=True)  # spconv layout
+    x = torch.randn(2, 6, *size, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(5, *([3] * ndim), 6, dtype=torch.float64, device=device, requires_grad=True)  # spconv layout
     conv = F.conv2d if ndim == 2 else F.conv3d
-    out_mask = torch.rand(2, 1, *size) < 0.3
+    out_mask = torch.rand(2, 1, *size, device=device) < 0.3
     idx = mask_indices(out_mask)
     grid = grid_of(x)
     sites = grid.sites(out_mask)
@@ -109,7 +117,7 @@ def test_gather_conv_computes_exact_output_set(size):
     assert torch.allclose(gx, rx) and torch.allclose(gw, rw)
 
     # Inputs from a subset of rows (zeros elsewhere) through a lookup table.
-    in_mask = dilate(out_mask) & (torch.rand(2, 1, *size) < 0.7)
+    in_mask = dilate(out_mask) & (torch.rand(2, 1, *size, device=device) < 0.7)
     in_sites = grid.sites(in_mask)
     in_flat = grid.rows(in_sites)
     got = gather_conv(rows.index_select(0, in_flat), w, grid.table(sites, grid.lookup(in_sites)))

@@ -24,11 +24,16 @@ def _batch():
     return images, targets
 
 
-def test_training_losses_include_budget_and_backpropagate():
+def _to(batch, device: torch.device):
+    images, targets = batch
+    return [i.to(device) for i in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
+
+
+def test_training_losses_include_budget_and_backpropagate(device):
     torch.manual_seed(0)
-    model = _fcos(FCOSDynamicHead(256, 1, 3, num_routers=1, budget_weight=0.5, gn_groups=32))
+    model = _fcos(FCOSDynamicHead(256, 1, 3, num_routers=1, budget_weight=0.5, gn_groups=32)).to(device)
     model.train()
-    losses = model(*_batch())
+    losses = model(*_to(_batch(), device))
     assert set(losses) == {"classification", "bbox_regression", "bbox_ctrness", "loss_budget"}
     # All gates start at 0.99: the budget loss is about 0.5 * 0.99.
     assert losses["loss_budget"].item() == pytest.approx(0.5 * 0.99, abs=0.01)
@@ -45,16 +50,16 @@ def test_fixed_head_has_no_budget_and_full_cost():
     assert torch.allclose(cost.realized, cost.full)
 
 
-def test_eval_returns_detections_and_modes_agree():
+def test_eval_returns_detections_and_modes_agree(device):
     torch.manual_seed(0)
     head = FCOSDynamicHead(256, 1, 3, num_routers=2)
-    model = _fcos(head).eval()
+    model = _fcos(head).eval().to(device)
     # Switch part of the gates off so the sparse path has real work to skip.
     with torch.no_grad():
         for tower in (head.cls_tower, head.reg_tower):
             tower.routers[0].depth.gate.conv.weight.normal_(0, 0.05)
             tower.routers[0].depth.gate.conv.bias.fill_(-0.02)
-    images, _ = _batch()
+    images, _ = _to(_batch(), device)
     feats = list(model.backbone(model.transform(images)[0].tensors).values())
     outs = {}
     for mode in ("dense", "sparse"):

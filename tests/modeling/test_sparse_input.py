@@ -39,14 +39,19 @@ def _masks(levels: int, occupancy=(0.15, 0.08), seed: int = 0, full: bool = Fals
     return out
 
 
-def _tensors(masks: list[torch.Tensor], channels: int, seed: int = 1, dtype=torch.float64):
+def _tensors(masks: list[torch.Tensor], channels: int, seed: int = 1, dtype=torch.float64, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     out = []
     for m in masks:
         idx = torch.nonzero(m).int().contiguous()
         feats = torch.randn(idx.shape[0], channels, generator=gen, dtype=dtype)
-        out.append(spconv.SparseConvTensor(feats, idx, list(m.shape[1:]), m.shape[0]))
+        out.append(spconv.SparseConvTensor(feats.to(device), idx.to(device), list(m.shape[1:]), m.shape[0]))
     return out
+
+
+def _dtype(device: torch.device) -> torch.dtype:
+    """float64 on CPU for tight comparisons; spconv's CUDA kernels have no float64."""
+    return torch.float64 if device.type == "cpu" else torch.float32
 
 
 def _randomise(tower: DynamicTower, seed: int) -> None:
@@ -94,9 +99,9 @@ def _control_gates(tower: DynamicTower, masks: list[torch.Tensor], pattern: str,
             if out.dim() == 2:
                 lvl = counts.index(out.shape[0])
                 idx = torch.nonzero(masks[lvl])
-                return out * vols[lvl].movedim(1, -1)[tuple(idx.t())].to(out.dtype)
+                return out * vols[lvl].movedim(1, -1)[tuple(idx.t())].to(out)
             lvl = next(j for j, m in enumerate(masks) if tuple(m.shape[1:]) == tuple(out.shape[2:]))
-            return out * vols[lvl].to(out.dtype)
+            return out * vols[lvl].to(out)
 
         gate.activation.register_forward_hook(hook)
 
@@ -122,7 +127,10 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-4) -> No
 
 
 def _check(tower: DynamicTower, inputs, single: bool = False):
-    tower.double()
+    """Dense vs sparse on ``inputs`` (their device and dtype); float32 compares parameter gradients at 1e-3."""
+    dtype = inputs[0].features.dtype
+    tower.to(inputs[0].features.device, dtype)
+    param_tol = 1e-4 if dtype == torch.float64 else 1e-3
     ref = _run(tower, inputs, "dense", single)
     got = _run(tower, inputs, "sparse", single)
     for i, (a, b, x) in enumerate(zip(ref[0], got[0], inputs)):
@@ -132,7 +140,7 @@ def _check(tower: DynamicTower, inputs, single: bool = False):
     for i, (a, b) in enumerate(zip(ref[1], got[1])):
         _close(a, b, f"input gradient level {i}")
     for name in ref[2]:
-        _close(ref[2][name], got[2][name], f"gradient of {name}")
+        _close(ref[2][name], got[2][name], f"gradient of {name}", param_tol)
     for field in ("soft", "realized", "full"):
         _close(getattr(ref[3], field), getattr(got[3], field), f"cost.{field}")
     return got
@@ -142,25 +150,26 @@ PATTERNS = ["none", "one", "sparse", "all", "mixed_batch"]
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_single_level_dense_equals_sparse(pattern):
+def test_single_level_dense_equals_sparse(pattern, device):
     torch.manual_seed(0)
     tower = DynamicTower(8, 2, ndim=3, num_levels=1, gn_groups=2)
     _randomise(tower, 1)
     masks = _masks(1)
     _control_gates(tower, masks, pattern)
-    out, _, _, cost = _check(tower, _tensors(masks, 8), single=True)
+    inputs = _tensors(masks, 8, dtype=_dtype(device), device=device)
+    out, _, _, cost = _check(tower, inputs, single=True)
     if pattern == "none":  # no path runs: each router is relu(output_weight * x), output_weight = 0.9
         assert torch.all(cost.realized < cost.full)
-        _close(out[0].features, F.relu(0.81 * _tensors(masks, 8)[0].features), "ungated output")
+        _close(out[0].features, F.relu(0.81 * inputs[0].features), "ungated output")
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_pyramid_dense_equals_sparse(pattern):
+def test_pyramid_dense_equals_sparse(pattern, device):
     tower = DynamicTower(8, 2, ndim=3, num_levels=3, gn_groups=2)
     _randomise(tower, 2)
     masks = _masks(3, seed=4)
     _control_gates(tower, masks, pattern)
-    _check(tower, _tensors(masks, 8, seed=5))
+    _check(tower, _tensors(masks, 8, seed=5, dtype=_dtype(device), device=device))
 
 
 @pytest.mark.parametrize("options", [
@@ -170,7 +179,7 @@ def test_pyramid_dense_equals_sparse(pattern):
     {"gate_activation": "sigmoid"},
     {"gated": False},
 ])
-def test_natural_gates_and_variants(options):
+def test_natural_gates_and_variants(options, device):
     """Gates computed by the model itself (bias 0: part of the voxels active), 2 levels."""
     tower = DynamicTower(8, 2, ndim=3, num_levels=2, gn_groups=2, **options)
     _randomise(tower, 6)
@@ -179,7 +188,7 @@ def test_natural_gates_and_variants(options):
             if isinstance(m, SpatialGate):
                 m.conv.bias.fill_(0.0)
     masks = _masks(2, seed=7)
-    _, _, _, cost = _check(tower, _tensors(masks, 8, seed=8))
+    _, _, _, cost = _check(tower, _tensors(masks, 8, seed=8, dtype=_dtype(device), device=device))
     if options.get("gated", True) and "gate_activation" not in options and "coarse_gate" not in options:
         assert torch.all(cost.realized < cost.full) and torch.all(cost.realized > 0)
 
@@ -308,3 +317,19 @@ def test_bad_pyramids():
         forward_sparse(tower, [x.dense() for x in xs])
     with pytest.raises(ValueError, match="float64 but the tower's weights are torch.float32"):
         forward_sparse(tower, [x.replace_feature(x.features.double()) for x in xs])
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_autocast_runs_in_float32(mode, device):
+    tower = DynamicTower(8, 2, ndim=3, num_levels=2, gn_groups=2, execution=mode)
+    _randomise(tower, 13)
+    tower.to(device)
+    low = torch.float16 if device.type == "cuda" else torch.bfloat16
+    xs = _tensors(_masks(2, seed=14), 8, dtype=low, device=device)
+    with torch.no_grad():
+        reference = forward_sparse(tower, [x.replace_feature(x.features.float()) for x in xs])
+        with torch.autocast(device.type, dtype=low):
+            out = forward_sparse(tower, xs)
+    for a, b in zip(out, reference):
+        assert a.features.dtype == torch.float32
+        _close(a.features, b.features, f"{mode} autocast output", 1e-6)

@@ -51,7 +51,7 @@ def _one_pixel(shape: torch.Size) -> torch.Tensor:
 def _control_gates(tower: DynamicTower, make_mask) -> None:
     """Multiply every gate by a fixed mask: exact control of where paths run, gradients still flow."""
     for i, gate in enumerate(m for m in tower.modules() if isinstance(m, SpatialGate)):
-        gate.register_forward_hook(lambda mod, inp, out, i=i: out * make_mask(out.shape, i))
+        gate.register_forward_hook(lambda mod, inp, out, i=i: out * make_mask(out.shape, i).to(out))
 
 
 def _run(tower: DynamicTower, feats: list[torch.Tensor], mode: str):
@@ -66,22 +66,35 @@ def _run(tower: DynamicTower, feats: list[torch.Tensor], mode: str):
     return [o.detach() for o in out], [x.grad for x in xs], grads, cost
 
 
-def _assert_close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+def _assert_close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-4) -> None:
     scale = max(a.abs().max().item(), b.abs().max().item(), 1e-6)
     err = (a - b).abs().max().item()
-    assert err <= 1e-4 * scale, f"{what}: max |dense - sparse| = {err:.3g} (scale {scale:.3g})"
+    assert err <= tol * scale, f"{what}: max |dense - sparse| = {err:.3g} (scale {scale:.3g})"
+
+
+def _default_dtype(tower: DynamicTower, device: torch.device | str) -> torch.dtype:
+    """float64 where every sparse conv runs on torch ops (CPU, or the ``exact`` rulebook on CUDA);
+    float32 where spconv's CUDA kernels run (they have no float64)."""
+    if torch.device(device).type == "cpu":
+        return torch.float64
+    paths = [m for m in tower.modules() if isinstance(m, DepthPath)]
+    return torch.float64 if all(p.rulebook == "exact" for p in paths) else torch.float32
 
 
 def _check_equivalence(
-    tower: DynamicTower, feats: list[torch.Tensor], modes=("dense", "sparse"), dtype=torch.float64, params=True
+    tower: DynamicTower, feats: list[torch.Tensor], modes=("dense", "sparse"), dtype=None, params=True,
+    device: torch.device | str = "cpu",
 ):
     """Compare outputs, input and parameter gradients and costs of ``modes`` against ``modes[0]``.
 
     float64 by default, so that sums with cancellation (a gate bias gradient adds up thousands of
-    terms) do not hide a real difference behind rounding; float32 runs check outputs and input grads.
+    terms) do not hide a real difference behind rounding; float32 runs (spconv on CUDA) compare
+    parameter gradients at 1e-3 of their largest entry instead of 1e-4.
     """
-    tower.to(dtype)
-    feats = [f.to(dtype) for f in feats]
+    dtype = dtype or _default_dtype(tower, device)
+    tower.to(device, dtype)
+    feats = [f.to(device, dtype) for f in feats]
+    param_tol = 1e-4 if dtype == torch.float64 else 1e-3
     ref = _run(tower, feats, modes[0])
     for mode in modes[1:]:
         got = _run(tower, feats, mode)
@@ -91,7 +104,7 @@ def _check_equivalence(
         for i, (a, b) in enumerate(zip(ref[1], got[1])):
             _assert_close(a, b, f"{mode} input gradient level {i}")
         for name in ref[2] if params else []:
-            _assert_close(ref[2][name], got[2][name], f"{mode} gradient of {name}")
+            _assert_close(ref[2][name], got[2][name], f"{mode} gradient of {name}", param_tol)
         for field in ("soft", "realized", "full"):
             _assert_close(getattr(ref[3], field), getattr(got[3], field), f"{mode} cost.{field}")
     return ref
@@ -109,14 +122,14 @@ DENSITIES = {
 
 @pytest.mark.parametrize("rulebook", ["exact", "submanifold"])
 @pytest.mark.parametrize("density", list(DENSITIES))
-def test_2d_tower_dense_equals_sparse(make_pyramid, density, rulebook):
+def test_2d_tower_dense_equals_sparse(make_pyramid, density, rulebook, device):
     torch.manual_seed(0)
     tower = DynamicTower(16, 2, ndim=2, gn_groups=4, num_levels=4)
     _use_rulebook(tower, rulebook)
     _randomise(tower, seed=1)
     _control_gates(tower, DENSITIES[density])
     feats = make_pyramid(2, 16, (13, 19), 4, seed=2)  # odd sizes: 13×19 → 7×10 → 4×5 → 2×3
-    out, _, grads, cost = _check_equivalence(tower, feats)
+    out, _, grads, cost = _check_equivalence(tower, feats, device=device)
     if density == "none":
         # Nothing runs but the ungated work: the realised cost is the gate convs only.
         gates = [m for m in tower.modules() if isinstance(m, SpatialGate)]
@@ -126,17 +139,17 @@ def test_2d_tower_dense_equals_sparse(make_pyramid, density, rulebook):
 
 @pytest.mark.parametrize("gather_fraction", [0.0, 1.0])
 @pytest.mark.parametrize("ndim", [2, 3])
-def test_scale_units_gathered_or_full_map_depthwise_agree(make_pyramid, gather_fraction, ndim, monkeypatch):
+def test_scale_units_gathered_or_full_map_depthwise_agree(make_pyramid, gather_fraction, ndim, monkeypatch, device):
     """Both ways the sparse mode runs a scale unit's depthwise conv compute the dense function."""
     monkeypatch.setattr(ScaleUnit, "gather_fraction", gather_fraction)
     tower = DynamicTower(8, 1, ndim=ndim, gn_groups=2, num_levels=3)
     _randomise(tower, seed=3)
     _control_gates(tower, DENSITIES["mixed_batch"])
     size = (9, 11) if ndim == 2 else (5, 6, 7)
-    _check_equivalence(tower, make_pyramid(2, 8, size, 3, seed=4))
+    _check_equivalence(tower, make_pyramid(2, 8, size, 3, seed=4), device=device)
 
 
-def test_2d_natural_gates_without_control(make_pyramid):
+def test_2d_natural_gates_without_control(make_pyramid, device):
     """Gates computed by the model itself (no mask): roughly half the pixels active."""
     tower = DynamicTower(16, 3, ndim=2, gn_groups=8, num_levels=5)
     _randomise(tower, seed=3)
@@ -145,29 +158,29 @@ def test_2d_natural_gates_without_control(make_pyramid):
             if isinstance(m, SpatialGate):
                 m.conv.bias.fill_(0.0)
     feats = make_pyramid(2, 16, (21, 17), 5, seed=4)
-    _, _, _, cost = _check_equivalence(tower, feats)
+    _, _, _, cost = _check_equivalence(tower, feats, device=device)
     ratio = (cost.realized / cost.full).tolist()
     assert all(0.2 < r < 0.95 for r in ratio), ratio
 
 
 @pytest.mark.parametrize("rulebook", ["exact", "submanifold"])
 @pytest.mark.parametrize("density", ["none", "one_pixel", "half", "full", "mixed_batch"])
-def test_3d_tower_dense_equals_sparse(make_pyramid, density, rulebook):
+def test_3d_tower_dense_equals_sparse(make_pyramid, density, rulebook, device):
     tower = DynamicTower(8, 2, ndim=3, gn_groups=2, num_levels=3)
     _use_rulebook(tower, rulebook)
     _randomise(tower, seed=5)
     _control_gates(tower, DENSITIES[density])
     feats = make_pyramid(2, 8, (7, 6, 5), 3, seed=6)
-    _check_equivalence(tower, feats)
+    _check_equivalence(tower, feats, device=device)
 
 
-def test_auto_mode_equals_dense(make_pyramid):
+def test_auto_mode_equals_dense(make_pyramid, device):
     tower = DynamicTower(16, 2, gn_groups=4, num_levels=4, auto_threshold=0.3)
     _randomise(tower, seed=7)
     # Different densities per gate so auto mixes sparse and dense paths within one forward.
     _control_gates(tower, lambda shape, i: _pattern(shape, [0.1, 0.6, 0.9][i % 3], i))
     feats = make_pyramid(2, 16, (13, 11), 4, seed=8)
-    _check_equivalence(tower, feats, modes=("dense", "sparse", "auto"))
+    _check_equivalence(tower, feats, modes=("dense", "sparse", "auto"), device=device)
 
 
 @pytest.mark.parametrize("options", [
@@ -177,7 +190,7 @@ def test_auto_mode_equals_dense(make_pyramid):
     {"gate_activation": "softmax", "gate_groups": 2, "gate_init": 0.3},
     {"gated": False},
 ])
-def test_gate_variants_dense_equals_sparse(make_pyramid, options):
+def test_gate_variants_dense_equals_sparse(make_pyramid, options, device):
     tower = DynamicTower(16, 2, gn_groups=4, num_levels=3, **options)
     _randomise(tower, seed=9)
     if options.get("gated", True):
@@ -186,7 +199,7 @@ def test_gate_variants_dense_equals_sparse(make_pyramid, options):
                 if isinstance(m, SpatialGate):
                     m.conv.bias.fill_(0.0)
     feats = make_pyramid(2, 16, (9, 10), 3, seed=10)
-    _check_equivalence(tower, feats)
+    _check_equivalence(tower, feats, device=device)
 
 
 def test_switching_modes_keeps_weights_and_is_reversible(make_pyramid):
@@ -206,16 +219,16 @@ def test_switching_modes_keeps_weights_and_is_reversible(make_pyramid):
     assert all(torch.equal(before[k], v) for k, v in tower.state_dict().items())
 
 
-def test_float32_dense_equals_sparse(make_pyramid):
+def test_float32_dense_equals_sparse(make_pyramid, device):
     tower = DynamicTower(32, 2, gn_groups=8, num_levels=5)
     _randomise(tower, seed=12)
     _control_gates(tower, lambda shape, i: _pattern(shape, [0.3, 0.7], i))
     feats = make_pyramid(2, 32, (25, 38), 5, seed=13)
-    _check_equivalence(tower, feats, dtype=torch.float32, params=False)
+    _check_equivalence(tower, feats, dtype=torch.float32, params=False, device=device)
 
 
 @pytest.mark.parametrize("rulebook", ["exact", "submanifold"])
-def test_inference_without_autograd_matches_and_leaves_inputs_untouched(make_pyramid, rulebook):
+def test_inference_without_autograd_matches_and_leaves_inputs_untouched(make_pyramid, rulebook, device):
     """Without autograd the routers write into maps they own (the maps between a tower's routers, layout
     copies), never into the tower's inputs."""
     tower = DynamicTower(16, 2, gn_groups=4, num_levels=4)
@@ -223,7 +236,8 @@ def test_inference_without_autograd_matches_and_leaves_inputs_untouched(make_pyr
     _randomise(tower, seed=14)
     # Levels with no, few and many active pixels (the inactive one takes the relu-only branch).
     _control_gates(tower, lambda shape, i: _pattern(shape, [0.0, 0.2, 0.8][i % 3], i))
-    feats = make_pyramid(2, 16, (13, 11), 4, seed=15)
+    tower.to(device)
+    feats = [f.to(device) for f in make_pyramid(2, 16, (13, 11), 4, seed=15)]
     originals = [f.clone() for f in feats]
     tower.set_execution("dense")
     reference = tower(feats)
@@ -239,12 +253,12 @@ def test_inference_without_autograd_matches_and_leaves_inputs_untouched(make_pyr
 
 
 @pytest.mark.parametrize("mode", ["dense", "sparse", "auto"])
-def test_router_overwrites_handed_over_maps_only_without_autograd(make_pyramid, mode):
+def test_router_overwrites_handed_over_maps_only_without_autograd(make_pyramid, mode, device):
     tower = DynamicTower(16, 1, gn_groups=4, num_levels=3, execution=mode)
     _randomise(tower, seed=16)
     _control_gates(tower, lambda shape, i: _pattern(shape, [0.2, 0.6, 1.0][i % 3], i))
-    router = tower.routers[0]
-    feats = [channels_last(f) for f in make_pyramid(1, 16, (12, 10), 3, seed=17)]
+    router = tower.routers[0].to(device)
+    feats = [channels_last(f.to(device)) for f in make_pyramid(1, 16, (12, 10), 3, seed=17)]
     originals = [f.clone() for f in feats]
     reference = router(feats)
     again = router(feats, overwrite_inputs=True)  # autograd on: nothing is overwritten
@@ -255,3 +269,24 @@ def test_router_overwrites_handed_over_maps_only_without_autograd(make_pyramid, 
     for x, y, z in zip(reference, again, handed):
         _assert_close(y, x, f"{mode} output")
         _assert_close(z, x.detach(), f"{mode} output")
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse", "auto"])
+def test_autocast_runs_routers_in_float32(make_pyramid, mode, device):
+    """Under autocast the routers compute the float32 function of their (low-precision) inputs, in every
+    mode, and backpropagate."""
+    tower = DynamicTower(16, 2, gn_groups=4, num_levels=3, execution=mode)
+    _randomise(tower, seed=18)
+    tower.to(device)
+    _control_gates(tower, lambda shape, i: _pattern(shape, [0.2, 0.6][i % 2], i))
+    low = torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
+    feats = [f.to(device, low) for f in make_pyramid(2, 16, (12, 10), 3, seed=19)]
+    with torch.no_grad():
+        reference = tower([f.float() for f in feats])
+    with torch.autocast(torch.device(device).type, dtype=low):
+        out = tower(feats)
+    for a, b in zip(out, reference):
+        assert a.dtype == torch.float32
+        _assert_close(a.detach(), b, f"{mode} autocast output", 1e-6)
+    sum(o.sum() for o in out).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in tower.routers[0].depth.parameters())
