@@ -6,8 +6,9 @@ fraction where sparse time equals dense time on the ``tower`` workload) and save
 
     {"device": "...", "threads": 2, "threshold": 0.31, "measured": "2025-01-01T12:00:00"}
 
-:func:`load_crossover` reads such a file (by default the one shipped in ``sparsehead/benchmark/data``)
-and :func:`apply_crossover` sets the threshold on every router of a model.
+:func:`load_crossover` reads such a file (by default the one shipped in ``sparsehead/benchmark/data`` for
+the device type: ``crossover.json`` for CPUs, ``crossover_cuda.json`` for CUDA GPUs) and
+:func:`apply_crossover` sets the threshold on every router of a model.
 """
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
+import torch
 from torch import nn
 
 from ..modeling.router import Router
 
 __all__ = [
     "DEFAULT_CROSSOVER",
+    "default_crossover",
     "FALLBACK_THRESHOLD",
     "CrossoverError",
     "load_crossover",
@@ -35,7 +38,8 @@ __all__ = [
 
 PathLike = Union[str, os.PathLike]
 
-DEFAULT_CROSSOVER = Path(__file__).resolve().parent / "data" / "crossover.json"
+DEFAULT_CROSSOVER = Path(__file__).resolve().parent / "data" / "crossover.json"  # CPU
+_DEVICE_CROSSOVERS = {"cuda": DEFAULT_CROSSOVER.with_name("crossover_cuda.json")}
 # Used when the shipped file is absent: a conservative value (sparse wins clearly below it on CPU).
 FALLBACK_THRESHOLD = 0.3
 
@@ -67,16 +71,22 @@ def read_crossover(path: PathLike) -> dict[str, Any]:
     return data
 
 
-def load_crossover(path: Optional[PathLike] = None) -> float:
+def default_crossover(device: Union[str, torch.device] = "cpu") -> Path:
+    """The crossover file shipped for ``device``'s type (CPU: :data:`DEFAULT_CROSSOVER`)."""
+    return _DEVICE_CROSSOVERS.get(torch.device(device).type, DEFAULT_CROSSOVER)
+
+
+def load_crossover(path: Optional[PathLike] = None, device: Union[str, torch.device] = "cpu") -> float:
     """The ``auto`` threshold stored in ``path``.
 
-    With ``path=None`` the file shipped with the package is read, or :data:`FALLBACK_THRESHOLD` is
-    returned when it is absent. A given path that is missing or malformed raises :class:`CrossoverError`.
+    With ``path=None`` the file shipped with the package for ``device``'s type is read
+    (:func:`default_crossover`), or :data:`FALLBACK_THRESHOLD` is returned when it is absent. A given
+    path that is missing or malformed raises :class:`CrossoverError`.
     """
     if path is None:
-        if not DEFAULT_CROSSOVER.is_file():
+        path = default_crossover(device)
+        if not path.is_file():
             return FALLBACK_THRESHOLD
-        path = DEFAULT_CROSSOVER
     return read_crossover(path)["threshold"]
 
 

@@ -53,7 +53,7 @@ from ..layers.sparse import (
     to_rows,
 )
 from ..modeling.cost import collect_cost
-from ..modeling.router import Router
+from ..modeling.router import DepthPath, Router
 from ..modeling.tower import DynamicTower, set_execution
 from .crossover import CrossoverError, apply_crossover, crossover_from_rows, load_crossover, save_crossover
 from .patterns import blob_mask, fixed_gates, random_mask
@@ -101,6 +101,7 @@ class Settings:
     device: str = "cpu"
     threads: Optional[int] = None
     auto_threshold: Optional[float] = None
+    rulebook: Optional[str] = None  # DepthPath.rulebook: exact | submanifold; None: the device's default
     config: Optional[str] = None
     weights: Optional[str] = None
     overrides: Sequence[str] = ()
@@ -632,7 +633,7 @@ def run_benchmark(s: Settings, log: Callable[[str], None] = print) -> list[dict[
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    threshold = s.auto_threshold if s.auto_threshold is not None else load_crossover()
+    threshold = s.auto_threshold if s.auto_threshold is not None else load_crossover(device=device)
     threads = torch.get_num_threads()
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     total = sum(
@@ -646,6 +647,9 @@ def run_benchmark(s: Settings, log: Callable[[str], None] = print) -> list[dict[
             for pattern in s.patterns:
                 for case in _build_cases(s, workload, pattern, device):
                     apply_crossover(case.model, threshold)
+                    for m in case.model.modules():
+                        if isinstance(m, DepthPath):
+                            m.rulebook = s.rulebook
                     for i, (density, pat) in enumerate(_points(s, pattern)):
                         bar.set_description(f"{workload} D{case.routers} N{case.batch} {pattern} {density:.2f}")
                         with case.gates(pat):
@@ -660,6 +664,7 @@ def run_benchmark(s: Settings, log: Callable[[str], None] = print) -> list[dict[
                             "workload": workload, "pattern": pattern, "density": _finite(density),
                             "routers": case.routers, "batch": case.batch, "channels": case.channels,
                             "image": f"{case.image[0]}x{case.image[1]}", "device": dev_name, "threads": threads,
+                            "rulebook": s.rulebook or ("submanifold" if device.type == "cuda" else "exact"),
                         }
                         rows.append({**head, **row})
                         bar.update(1)
@@ -763,9 +768,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--auto-threshold", type=float, default=None,
-                   help="threshold for auto mode (default: from --crossover or the shipped crossover file)")
+                   help="threshold for auto mode (default: from --crossover or the crossover file shipped "
+                        "for the device type)")
     p.add_argument("--crossover", default=None, help="crossover JSON to take the auto threshold from")
     p.add_argument("--save-crossover", default=None, help="write the crossover measured on the tower workload here")
+    p.add_argument("--rulebook", choices=("exact", "submanifold"), default=None,
+                   help="sparse depth-path implementation (default: exact on CPU, submanifold on CUDA)")
     p.add_argument("--config", default=None, help="detector config (for the detector workload and --weights)")
     p.add_argument("--weights", default=None, help="trained checkpoint: enables the 'model' gate pattern")
     p.add_argument("--out", default="output/benchmark", help="output directory (default: output/benchmark)")
@@ -837,13 +845,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[Settings, argparse
         p.error(f"--auto-threshold {threshold} is outside [0, 1]")
     if threshold is None:
         try:
-            threshold = load_crossover(a.crossover)
+            threshold = load_crossover(a.crossover, device=dev)
         except CrossoverError as e:
             p.error(str(e))
     s = Settings(
         workloads=workloads, patterns=patterns, densities=densities, random_densities=random_densities,
         routers=routers, batches=batches, channels=a.channels, image=(image[0], image[1]), repeats=repeats,
-        warmup=a.warmup, device=dev, threads=a.threads, auto_threshold=threshold, config=a.config,
+        warmup=a.warmup, device=dev, threads=a.threads, auto_threshold=threshold, rulebook=a.rulebook,
+        config=a.config,
         weights=a.weights, overrides=a.overrides, seed=a.seed, profile=not a.no_profile, memory=not a.no_memory,
         progress=not a.no_progress,
     )

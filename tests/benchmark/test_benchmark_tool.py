@@ -16,6 +16,7 @@ from sparsehead.benchmark.crossover import (
     CrossoverError,
     apply_crossover,
     crossover_from_rows,
+    default_crossover,
     find_crossover,
     load_crossover,
     save_crossover,
@@ -143,6 +144,15 @@ def test_crossover_round_trip_and_apply(tmp_path):
     assert all(r.auto_threshold == 0.42 for r in tower.routers)
     with pytest.raises(ValueError):
         apply_crossover(tower, 1.5)
+
+
+def test_shipped_crossovers_per_device_type():
+    """CPU and CUDA each have their own shipped file; other device types use the CPU one."""
+    cuda = default_crossover("cuda:0")
+    assert cuda != DEFAULT_CROSSOVER and cuda.is_file()
+    assert default_crossover("cpu") == default_crossover("meta") == DEFAULT_CROSSOVER
+    assert load_crossover(device="cuda") == load_crossover(cuda)
+    assert load_crossover(device=torch.device("cpu")) == load_crossover(DEFAULT_CROSSOVER)
 
 
 def test_shipped_crossover_is_valid():
