@@ -235,11 +235,13 @@ class DepthPath(nn.Module):
             self.conv2.macs_per_pixel() + self.norm2.macs_per_pixel(),
         )
 
-    def gate_and_masks(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gate (N, G, *spatial), conv2 pixels ``D`` and conv1 pixels ``dilate(D)`` (N, 1, *spatial)."""
+    def gate_and_masks(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gate ``g`` (N, G, *spatial), its 3^ndim max-pool (conv1's gate, :func:`pool_gate`), conv2 pixels
+        ``D`` and conv1 pixels ``dilate(D)`` (N, 1, *spatial)."""
         g = _full_gate(s, self.gate)
-        inner = gate_mask(g)
-        return g, inner, dilate(inner)
+        pooled = pool_gate(g)
+        # Gates are >= 0 and max-pooling pads with -inf: the pooled gate is positive exactly on dilate(D).
+        return g, pooled, gate_mask(g), gate_mask(pooled)
 
     def dense(self, s: torch.Tensor, g: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor) -> torch.Tensor:
         conv = _conv_nd(self.ndim)
@@ -458,11 +460,11 @@ class Router(nn.Module):
                         to_rows(s).index_add_(0, flat, rows * self.scale_weight)
                     rows_in[lvl] = []
             with record_function("sparsehead.gate"):
-                g, inner, outer = self.depth.gate_and_masks(s)
+                g, pooled, inner, outer = self.depth.gate_and_masks(s)
             if self.keep_gates:
                 kept["depth"][lvl] = g.detach()
             conv1_macs, conv2_macs = self.depth.unit_costs()
-            cost.path(pool_gate(g), outer, conv1_macs)
+            cost.path(pooled, outer, conv1_macs)
             cost.path(g, inner, conv2_macs)
             if self.depth.gate is not None:
                 cost.always(self.depth.gate.macs_per_pixel() * inner[0].numel())

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sparsehead import DynamicTower, SpatialGate, collect_cost
-from sparsehead.layers.sparse import channels_last
+from sparsehead.layers.sparse import channels_last, dilate
 from sparsehead.modeling.router import DepthPath, ScaleUnit
 
 
@@ -290,3 +291,26 @@ def test_autocast_runs_routers_in_float32(make_pyramid, mode, device):
         _assert_close(a.detach(), b, f"{mode} autocast output", 1e-6)
     sum(o.sum() for o in out).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in tower.routers[0].depth.parameters())
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"gate_activation": "sigmoid"}, {"gate_activation": "softmax", "gate_groups": 2, "gate_init": 0.3},
+    {"gate_groups": 4},
+    {"coarse_gate": True}, {"gated": False},
+])
+def test_depth_masks_are_the_gate_and_its_dilation(options):
+    """conv1's pixels come from the max-pooled gate: they must be exactly the 3×3 dilation of conv2's."""
+    tower = DynamicTower(16, 1, gn_groups=4, num_levels=1, **options)
+    _randomise(tower, seed=20)
+    depth = tower.routers[0].depth
+    if depth.gate is not None:
+        with torch.no_grad():
+            depth.gate.conv.bias.fill_(-0.3)  # part of the pixels off
+    s = torch.randn(2, 16, 15, 13, generator=torch.Generator().manual_seed(21))
+    with torch.no_grad():
+        g, pooled, inner, outer = depth.gate_and_masks(s)
+    assert torch.equal(inner, (g > 0).any(dim=1, keepdim=True))
+    assert torch.equal(outer, dilate(inner))
+    assert torch.equal(pooled, F.max_pool2d(g, 3, 1, 1))
+    if not options:  # one GeReTanH gate: part of the pixels on, their dilation more, not all
+        assert 0 < inner.float().mean() < outer.float().mean() < 1
