@@ -852,9 +852,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[Settings, argparse
         workloads=workloads, patterns=patterns, densities=densities, random_densities=random_densities,
         routers=routers, batches=batches, channels=a.channels, image=(image[0], image[1]), repeats=repeats,
         warmup=a.warmup, device=dev, threads=a.threads, auto_threshold=threshold, rulebook=a.rulebook,
-        config=a.config,
-        weights=a.weights, overrides=a.overrides, seed=a.seed, profile=not a.no_profile, memory=not a.no_memory,
-        progress=not a.no_progress,
+        config=a.config, weights=a.weights, overrides=a.overrides, seed=a.seed, profile=not a.no_profile,
+        memory=not a.no_memory, progress=not a.no_progress,
     )
     return s, a
 

@@ -209,9 +209,8 @@ class DepthPath(nn.Module):
       place, conv2 at D, each a GEMM over gathered neighbour rows
       (:func:`~sparsehead.layers.sparse.gather_conv`). No pixel is computed in vain.
     - ``submanifold`` (default on CUDA in float32/float16, where spconv's implicit-GEMM kernels need their
-      own rulebooks):
-      both convs as spconv ``SubMConv`` on dilate(dilate(D)) sharing one rulebook; rows outside the
-      conv's own set are computed, then ignored.
+      own rulebooks): both convs as spconv ``SubMConv`` on dilate(dilate(D)) sharing one rulebook; rows
+      outside the conv's own set are computed, then ignored.
     """
 
     def __init__(

@@ -113,6 +113,29 @@ def test_tiny_run_writes_outputs_and_crossover(tmp_path):
     assert load_crossover(cross) == rec["threshold"]
 
 
+def test_rulebook_option_reaches_the_depth_paths(tmp_path, monkeypatch):
+    """--rulebook sets every DepthPath's implementation, and the rows record it."""
+    from sparsehead.modeling.router import DepthPath
+
+    seen = []
+    original = DepthPath._sparse_submanifold
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.rulebook)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DepthPath, "_sparse_submanifold", spy)
+    args = _tiny_args(tmp_path, "--workloads", "tower", "--patterns", "blob", "--rulebook", "submanifold",
+                      "--no-profile", "--no-memory", "--no-plot")
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "out" / "benchmark.json").read_text())
+    assert rows and all(r["rulebook"] == "submanifold" for r in rows)
+    assert seen and set(seen) == {"submanifold"}  # the CPU default would be exact
+    assert parse_args(_tiny_args(tmp_path))[0].rulebook is None
+    with pytest.raises(SystemExit):
+        parse_args(_tiny_args(tmp_path, "--rulebook", "dense"))
+
+
 @pytest.mark.slow
 def test_detector_and_model_pattern(tmp_path):
     from sparsehead.config import load_config
