@@ -43,7 +43,6 @@ def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(request.config.getoption("--device"))
 
 
-
 def pyramid_sizes(size: tuple[int, ...], levels: int) -> list[tuple[int, ...]]:
     sizes = [tuple(size)]
     for _ in range(levels - 1):
