@@ -53,7 +53,7 @@ from ..layers.sparse import (
     to_rows,
 )
 from ..modeling.cost import collect_cost
-from ..modeling.router import DepthPath, Router
+from ..modeling.router import DepthPath, Router, default_rulebook
 from ..modeling.tower import DynamicTower, set_execution
 from .crossover import CrossoverError, apply_crossover, crossover_from_rows, load_crossover, save_crossover
 from .patterns import blob_mask, fixed_gates, random_mask
@@ -664,7 +664,7 @@ def run_benchmark(s: Settings, log: Callable[[str], None] = print) -> list[dict[
                             "workload": workload, "pattern": pattern, "density": _finite(density),
                             "routers": case.routers, "batch": case.batch, "channels": case.channels,
                             "image": f"{case.image[0]}x{case.image[1]}", "device": dev_name, "threads": threads,
-                            "rulebook": s.rulebook or ("submanifold" if device.type == "cuda" else "exact"),
+                            "rulebook": s.rulebook or default_rulebook(device, torch.get_default_dtype()),
                         }
                         rows.append({**head, **row})
                         bar.update(1)

@@ -191,6 +191,12 @@ class ScaleUnit(nn.Module):
 _SPCONV_CUDA_DTYPES = (torch.float32, torch.float16)
 
 
+def default_rulebook(device: torch.device, dtype: torch.dtype) -> str:
+    """:attr:`DepthPath.rulebook` when it is None: ``submanifold`` (spconv) on CUDA for the dtypes spconv's
+    CUDA kernels have, else ``exact``."""
+    return "submanifold" if device.type == "cuda" and dtype in _SPCONV_CUDA_DTYPES else "exact"
+
+
 def autocast_enabled(device_type: str) -> bool:
     """Whether autocast is on for ``device_type`` ("cpu", "cuda")."""
     try:
@@ -223,7 +229,7 @@ class DepthPath(nn.Module):
         self.conv2 = SubMConv(ndim, channels, channels, 3, indice_key=indice_key)
         self.norm2 = MaskedGroupNorm(gn_groups, channels)
         self.gate = gate
-        self.rulebook: str | None = None  # "exact" | "submanifold"; None: exact on CPU, submanifold on CUDA
+        self.rulebook: str | None = None  # "exact" | "submanifold"; None: default_rulebook()
         for conv in (self.conv1, self.conv2):
             nn.init.normal_(conv.weight, std=0.01)
 
@@ -261,7 +267,7 @@ class DepthPath(nn.Module):
         s = channels_last(s)
         if not bool(outer.any()):
             return _relu_map(s, overwrite)
-        method = self.rulebook or ("submanifold" if s.is_cuda and s.dtype in _SPCONV_CUDA_DTYPES else "exact")
+        method = self.rulebook or default_rulebook(s.device, s.dtype)
         if method == "exact":
             return self._sparse_exact(s, g, inner, outer, overwrite)
         return self._sparse_submanifold(s, g, inner, outer, overwrite)
