@@ -61,14 +61,19 @@ class MaskedGroupNorm(nn.Module):
         when ``batch_size`` is 1).
 
         Statistics cover the rows where ``mask`` (R,) bool is True (all rows when None); every row is
-        normalised with its image's statistics, folded into one scale and shift per image and channel.
-        ``overwrite``: the caller will not read ``rows`` again, so without autograd the result is
-        written into them.
+        normalised with its image's statistics.
+        ``overwrite``: the caller will not read ``rows`` again, so without autograd they may be changed
+        in place (the result may or may not share their memory).
+
+        One image on CPU without ``mask`` takes torch's GroupNorm kernel (:meth:`_group_norm_rows`);
+        otherwise the statistics are column sums, folded into one scale and shift per image and channel.
         """
         if batch is None and batch_size != 1:
             raise ValueError(f"batch indices are needed for a batch of {batch_size} images")
         c, g = rows.shape[1], self.num_groups
         inplace = overwrite and not torch.is_grad_enabled()
+        if batch_size == 1 and mask is None and rows.device.type == "cpu" and rows.shape[0]:
+            return self._group_norm_rows(rows, inplace)
         if batch_size == 1:
             # Moments of data shifted by one of its own values per group, so that E[d^2] - E[d]^2 does
             # not cancel; the shift changes the mean only, and is not differentiated (the result does
@@ -92,6 +97,23 @@ class MaskedGroupNorm(nn.Module):
         if inplace:
             return rows.mul_(scale).add_(shift)
         return torch.addcmul(shift, rows, scale)
+
+    def _group_norm_rows(self, rows: torch.Tensor, inplace: bool) -> torch.Tensor:
+        """All rows (R, C), R > 0, of one image on CPU: torch's channels-last GroupNorm kernel (one fused
+        pass for statistics and affine) on the rows shifted by one of their own values per group.
+
+        That kernel takes the variance as E[x^2] - E[x]^2, which cancels for data far from zero mean; the
+        shift removes the mean's bulk first and does not change the result (nor its gradient).
+        """
+        r, c = rows.shape
+        g = self.num_groups
+        offset = rows[0, :: c // g].detach().repeat_interleave(c // g)  # a copy: rows may be shifted in place
+        shifted = rows.sub_(offset) if inplace else rows - offset
+        # (R, C) rows are the channels-last layout of a (1, C, 1, R) map: no copy either way. The op itself,
+        # not F.group_norm: that refuses a group of one value, which here is a valid (constant) group.
+        x = shifted.view(1, 1, r, c).permute(0, 3, 1, 2)
+        out = torch.group_norm(x, g, self.weight, self.bias, self.eps, False)
+        return out.permute(0, 2, 3, 1).reshape(r, c)
 
     def _offset(self, rows: torch.Tensor) -> torch.Tensor:
         """(1, G, 1): the first row's first value of each channel group (zeros when there is no row);
