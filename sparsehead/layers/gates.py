@@ -16,7 +16,7 @@ from torch import nn
 
 __all__ = [
     "GeReTanH", "SigmoidGate", "SoftmaxGate", "SpatialGate", "apply_gates", "build_gate_activation",
-    "GATE_ACTIVATIONS", "gate_conv",
+    "GATE_ACTIVATIONS", "gate_conv", "conv_taps", "rows_taps", "sum_taps", "gates_from_conv",
 ]
 
 
@@ -179,8 +179,13 @@ def apply_gates(gates: Sequence[SpatialGate], x: torch.Tensor) -> list[torch.Ten
         return [g(x) for g in gates]
     weight = torch.cat([g.conv.weight for g in gates])
     bias = torch.cat([g.conv.bias for g in gates])
-    out = gate_conv(x, weight, bias).split([g.num_groups for g in gates], dim=1)
-    return [g(x, conv_out=o) for g, o in zip(gates, out)]  # through __call__: hooks see every gate
+    return gates_from_conv(gates, x, gate_conv(x, weight, bias))
+
+
+def gates_from_conv(gates: Sequence[SpatialGate], x: torch.Tensor, conv_out: torch.Tensor) -> list[torch.Tensor]:
+    """Gates of ``x`` from their stacked conv output (N, sum of G, *spatial), through each gate's
+    ``__call__`` (its hooks see it)."""
+    return [g(x, conv_out=o) for g, o in zip(gates, conv_out.split([g.num_groups for g in gates], dim=1))]
 
 
 def gate_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -188,19 +193,40 @@ def gate_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
 
     ``weight`` is (G, C, 3, 3[, 3]). A gate conv has one or two output maps, a shape for which CPU
     convolution kernels are memory-bound and slow; on CPU it runs as one matrix product of the pixels'
-    channel rows (P, C) with all taps' weights (C, G · 3^ndim), whose per-tap outputs a grouped conv
-    with a one-hot kernel then shifts into place and sums. The result equals ``conv2d``/``conv3d`` up to
-    float rounding. Other devices use the conv.
+    channel rows (P, C) with all taps' weights (C, G · 3^ndim) (:func:`conv_taps`), whose per-tap outputs
+    a grouped conv with a one-hot kernel then shifts into place and sums (:func:`sum_taps`). The result
+    equals ``conv2d``/``conv3d`` up to float rounding. Other devices use the conv.
     """
-    ndim = x.dim() - 2
-    conv = F.conv2d if ndim == 2 else F.conv3d
     if x.device.type != "cpu":
+        conv = F.conv2d if x.dim() == 4 else F.conv3d
         return conv(x, weight, bias, padding=1)
+    return sum_taps(conv_taps(x, weight), bias)
+
+
+def conv_taps(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-tap products (N, G · 3^ndim, *spatial) of ``x`` (N, C, *spatial) with a gate conv's ``weight``
+    (G, C, 3, ...): channel ``g · 3^ndim + t`` is tap ``t`` of group ``g`` applied at each pixel, unshifted.
+
+    Linear in ``x``; channels-last memory (its rows are :func:`rows_taps` of ``x``'s rows).
+    """
     n, c, *size = x.shape
-    groups, taps = weight.shape[0], 3**ndim
-    w = weight.reshape(groups, c, taps).transpose(0, 1).reshape(c, groups * taps)  # column g * taps + t
-    y = (x.movedim(1, -1).reshape(-1, c) @ w).view(n, *size, groups * taps).movedim(-1, 1)
-    return conv(y, _tap_kernel(ndim, groups, y.dtype, y.device), bias, padding=1, groups=groups)
+    return rows_taps(x.movedim(1, -1).reshape(-1, c), weight).view(n, *size, -1).movedim(-1, 1)
+
+
+def rows_taps(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`conv_taps` of pixel rows (R, C): (R, G · 3^ndim)."""
+    groups, c = weight.shape[:2]
+    taps = weight[0, 0].numel()
+    return rows @ weight.reshape(groups, c, taps).transpose(0, 1).reshape(c, groups * taps)
+
+
+def sum_taps(taps: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The gate conv from its per-tap products (N, G · 3^ndim, *spatial): each tap's map shifted to its
+    offset and summed per group, plus ``bias`` (G,): (N, G, *spatial)."""
+    ndim = taps.dim() - 2
+    groups = taps.shape[1] // 3**ndim
+    conv = F.conv2d if ndim == 2 else F.conv3d
+    return conv(taps, _tap_kernel(ndim, groups, taps.dtype, taps.device), bias, padding=1, groups=groups)
 
 
 @functools.lru_cache(maxsize=16)

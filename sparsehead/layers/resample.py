@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["downsample", "upsample", "downsample_rows", "upsample_rows", "half_size"]
+__all__ = ["downsample", "upsample", "downsample_rows", "downsample_parents", "upsample_rows", "half_size"]
 
 
 def half_size(size: Sequence[int]) -> list[int]:
@@ -77,8 +77,13 @@ def downsample_rows(
     Returns ``(parent rows, rows / 2^ndim)``: adding them up per coarse row (``index_add``) gives
     :func:`downsample` of the map that holds ``rows`` at ``flat`` and zeros elsewhere.
     """
-    parents = _parents(batch, tuple(size), flat.device)
-    return parents.index_select(0, flat), rows * (1.0 / 2 ** len(size))
+    return downsample_parents(flat, batch, size), rows * (1.0 / 2 ** len(size))
+
+
+def downsample_parents(flat: torch.Tensor, batch: int, size: Sequence[int]) -> torch.Tensor:
+    """The coarser level's row (R,) of each row number ``flat`` (R,) of a (batch, C, *size) map: its
+    2^ndim block's (see :func:`downsample_rows`)."""
+    return _parents(batch, tuple(size), flat.device).index_select(0, flat)
 
 
 def upsample_rows(

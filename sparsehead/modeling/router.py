@@ -37,15 +37,26 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
-from ..layers.gates import SpatialGate, apply_gates, expand_gate, gate_mask, pool_gate
+from ..layers.gates import (
+    SpatialGate,
+    apply_gates,
+    conv_taps,
+    expand_gate,
+    gate_mask,
+    gates_from_conv,
+    pool_gate,
+    rows_taps,
+    sum_taps,
+)
 from ..layers.norm import MaskedGroupNorm
-from ..layers.resample import downsample, downsample_rows, upsample, upsample_rows
+from ..layers.resample import downsample, downsample_parents, upsample, upsample_rows
 from ..layers.sparse import (
     SubMConv,
     channels_last,
     depthwise_conv_rows,
     dilate,
     flat_index,
+    from_rows,
     gather_conv,
     grid_of,
     mask_indices,
@@ -68,26 +79,28 @@ def _conv_nd(ndim: int):
     return F.conv2d if ndim == 2 else F.conv3d
 
 
-def _full_gate(x: torch.Tensor, gate: SpatialGate | None) -> torch.Tensor:
-    """Gate values (N, G, *spatial) for input ``x``; ones when the path is not gated."""
+def _full_gate(x: torch.Tensor, gate: SpatialGate | None, conv_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Gate values (N, G, *spatial) for input ``x``; ones when the path is not gated. ``conv_out``: the
+    gate conv of ``x`` when the caller has it."""
     if gate is None:
         return x.new_ones((x.shape[0], 1) + tuple(x.shape[2:]))
-    g = gate(x)
+    g = gate(x, conv_out=conv_out)
     return g.expand(-1, -1, *x.shape[2:]) if gate.coarse else g
 
 
 def _relu_with_rows(
     s: torch.Tensor, rows: torch.Tensor, flat: torch.Tensor, h: torch.Tensor, overwrite: bool = False
 ) -> torch.Tensor:
-    """``relu(s + h)`` at rows ``flat`` and ``relu(s)`` elsewhere, in one pass over the map.
+    """``relu(s + h)`` at rows ``flat`` (unique) and ``relu(s)`` elsewhere: ``h`` added in, one relu pass.
 
     ``s`` is channels-last (N, C, *spatial) and ``rows`` its :func:`to_rows` view; ``h`` (R, C). With
     ``overwrite`` and no autograd through ``s``, the result is written into ``s`` (no new map).
     """
-    new = F.relu(rows.index_select(0, flat) + h)
-    out = _relu_map(s, overwrite)
-    to_rows(out).index_copy_(0, flat, new)
-    return out
+    if overwrite and not (torch.is_grad_enabled() and s.requires_grad):
+        rows.index_add_(0, flat, h)
+        return s.clamp_min_(0)
+    out = rows.index_add(0, flat, h)  # a new channels-last map's rows
+    return from_rows(out.clamp_min_(0), s.shape)
 
 
 def _relu_map(s: torch.Tensor, overwrite: bool) -> torch.Tensor:
@@ -170,9 +183,10 @@ class ScaleUnit(nn.Module):
         return self.norm.forward_dense(y, mask) * expand_gate(g, x.shape[1])
 
     def sparse(
-        self, x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor
+        self, x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gated unit output at the active pixels only: ``(row numbers (R,), rows (R, C))``."""
+        """Gated unit output at the active pixels only, times the scalar ``weight`` (folded into the gate
+        values, not another pass over the rows): ``(row numbers (R,), rows (R, C))``."""
         n, c = x.shape[:2]
         flat = mask.reshape(-1).nonzero()[:, 0]  # row numbers, in row-major order
         if flat.shape[0] == 0:
@@ -184,7 +198,8 @@ class ScaleUnit(nn.Module):
             y = _conv_nd(self.ndim)(x, self.conv.weight, padding=1, groups=c)
             y = to_rows(channels_last(y)).index_select(0, flat)
         y = self.norm.forward_rows(y, grid.images(flat) if n > 1 else None, n, overwrite=True)
-        return flat, y * expand_gate(to_rows(g).index_select(0, flat), c)
+        gate = expand_gate(to_rows(g).index_select(0, flat) * weight, c)
+        return flat, y * gate if torch.is_grad_enabled() else y.mul_(gate)
 
 
 # spconv's CUDA kernels exist for these dtypes only (no float64, no bfloat16).
@@ -240,10 +255,13 @@ class DepthPath(nn.Module):
             self.conv2.macs_per_pixel() + self.norm2.macs_per_pixel(),
         )
 
-    def gate_and_masks(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def gate_and_masks(
+        self, s: torch.Tensor, conv_out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gate ``g`` (N, G, *spatial), its 3^ndim max-pool (conv1's gate, :func:`pool_gate`), conv2 pixels
-        ``D`` and conv1 pixels ``dilate(D)`` (N, 1, *spatial)."""
-        g = _full_gate(s, self.gate)
+        ``D`` and conv1 pixels ``dilate(D)`` (N, 1, *spatial). ``conv_out``: the gate conv of ``s``, when
+        the caller has it."""
+        g = _full_gate(s, self.gate, conv_out)
         pooled = pool_gate(g)
         # Gates are >= 0 and max-pooling pads with -inf: the pooled gate is positive exactly on dilate(D).
         return g, pooled, gate_mask(g), gate_mask(pooled)
@@ -395,12 +413,46 @@ class Router(nn.Module):
             return bool(mask.float().mean() <= self.auto_threshold)
         return self.execution == "sparse"
 
-    def _scale_gates(self, x: torch.Tensor, units: Sequence[ScaleUnit]) -> list[torch.Tensor]:
-        """Gates (N, G, *spatial) of the scale units that read ``x``; one conv for all when gated."""
+    def _fuse_depth_gate(self, x: torch.Tensor) -> bool:
+        """Whether the depth gate's conv is taken from the scale gates' matrix product (CPU, sparse and auto
+        modes; a level whose scale units ran dense falls back to the gate conv of the node sum)."""
+        return self.gated and self.execution != "dense" and x.device.type == "cpu"
+
+    def _scale_gates(
+        self, x: torch.Tensor, units: Sequence[ScaleUnit]
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Gates (N, G, *spatial) of the scale units that read ``x``, one conv for all when gated; and,
+        where :meth:`_fuse_depth_gate`, the depth gate's per-tap products of ``x`` (N, G · 3^ndim, *spatial)
+        from the same matrix product (see :meth:`_depth_gate_conv`), else None."""
         if not self.gated:
-            return [_full_gate(x, None) for _ in units]
-        gates = apply_gates([u.gate for u in units], x)
-        return [g.expand(-1, -1, *x.shape[2:]) if u.gate.coarse else g for u, g in zip(units, gates)]
+            return [_full_gate(x, None) for _ in units], None
+        scale_gates = [u.gate for u in units]
+        if self._fuse_depth_gate(x):
+            taps = conv_taps(x, torch.cat([g.conv.weight for g in scale_gates] + [self.depth.gate.conv.weight]))
+            k = sum(g.num_groups for g in scale_gates) * 3**self.ndim
+            depth_taps = taps[:, k:]
+            gates = []
+            if scale_gates:
+                bias = torch.cat([g.conv.bias for g in scale_gates])
+                gates = gates_from_conv(scale_gates, x, sum_taps(taps[:, :k], bias))
+        else:
+            gates, depth_taps = apply_gates(scale_gates, x), None
+        gates = [g.expand(-1, -1, *x.shape[2:]) if u.gate.coarse else g for u, g in zip(units, gates)]
+        return gates, depth_taps
+
+    def _depth_gate_conv(
+        self, depth_taps: torch.Tensor, rows_in: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        """The depth gate's conv of the node sum ``s = output_weight · x + Σ rows`` without reading ``s``:
+        the gate conv is linear, so its per-tap products are ``output_weight ·`` those of ``x`` (from
+        :meth:`_scale_gates`) plus those of the scale rows ``rows_in`` ((row numbers, rows already times
+        ``scale_weight``)) added at their pixels. Returns (N, G, *spatial) as ``gate_conv(s)``."""
+        gate = self.depth.gate
+        taps = (depth_taps.movedim(1, -1) * self.output_weight).contiguous()  # (N, *spatial, G · 3^ndim)
+        tap_rows = taps.view(-1, taps.shape[-1])
+        for flat, rows in rows_in:
+            tap_rows.index_add_(0, flat, rows_taps(rows, gate.conv.weight))
+        return sum_taps(taps.movedim(-1, 1), gate.conv.bias)
 
     def forward(self, features: Sequence[torch.Tensor], overwrite_inputs: bool = False) -> list[torch.Tensor]:
         device = features[0].device
@@ -426,11 +478,12 @@ class Router(nn.Module):
 
         # Scale units at their source levels; each returns dense maps or (indices, rows) contributions.
         dense_in: list[list[torch.Tensor]] = [[] for _ in range(levels)]
+        depth_taps: list[torch.Tensor | None] = [None] * levels
         rows_in: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(levels)]
         for src, x in enumerate(features):
             units = [(u, dst) for u, dst in ((self.down, src + 1), (self.up, src - 1)) if 0 <= dst < levels]
             with record_function("sparsehead.gate"):
-                gates = self._scale_gates(x, [u for u, _ in units])
+                gates, depth_taps[src] = self._scale_gates(x, [u for u, _ in units])
             for (unit, dst), g in zip(units, gates):
                 mask = gate_mask(g)
                 if self.keep_gates:
@@ -442,11 +495,13 @@ class Router(nn.Module):
                 with record_function("sparsehead.scale"):
                     if self._sparse_here(mask):
                         x = channels_last(x)  # once per level; a no-op in sparse mode
-                        flat, rows = unit.sparse(x, g, mask)
+                        size = tuple(x.shape[2:])
+                        # Node-sum weight, and the block mean of downsampling, applied to the gate values.
+                        weight = self.scale_weight * (1.0 / 2**self.ndim if dst > src else 1.0)
+                        flat, rows = unit.sparse(x, g, mask, weight)
                         if flat.shape[0]:
-                            size = tuple(x.shape[2:])
                             if dst > src:
-                                rows_in[dst].append(downsample_rows(flat, rows, n, size))
+                                rows_in[dst].append((downsample_parents(flat, n, size), rows))
                             else:
                                 rows_in[dst].append(upsample_rows(flat, rows, n, size, dst_size))
                     else:
@@ -459,13 +514,16 @@ class Router(nn.Module):
                 s = x.mul_(self.output_weight) if owned[lvl] else self.output_weight * x
                 for u in dense_in[lvl]:
                     s = s + self.scale_weight * u
-                if rows_in[lvl]:
+                scaled, rows_in[lvl] = rows_in[lvl], []  # rows already times scale_weight
+                if scaled:
                     s = channels_last(s)  # a fresh tensor: adding into it in place is safe
-                    for flat, rows in rows_in[lvl]:
-                        to_rows(s).index_add_(0, flat, rows * self.scale_weight)
-                    rows_in[lvl] = []
+                    for flat, rows in scaled:
+                        to_rows(s).index_add_(0, flat, rows)
             with record_function("sparsehead.gate"):
-                g, pooled, inner, outer = self.depth.gate_and_masks(s)
+                fused = depth_taps[lvl] is not None and not dense_in[lvl]
+                conv_out = self._depth_gate_conv(depth_taps[lvl], scaled) if fused else None
+                depth_taps[lvl] = None
+                g, pooled, inner, outer = self.depth.gate_and_masks(s, conv_out)
             if self.keep_gates:
                 kept["depth"][lvl] = g.detach()
             conv1_macs, conv2_macs = self.depth.unit_costs()
