@@ -410,6 +410,10 @@ class Router(nn.Module):
 
     def _sparse_here(self, mask: torch.Tensor) -> bool:
         if self.execution == "auto":
+            # Thresholds 0 and 1 decide without reading the mask (no host sync on CUDA): at 0 only a path
+            # with nothing active would run sparse, and dense computes the same for it.
+            if self.auto_threshold <= 0 or self.auto_threshold >= 1:
+                return self.auto_threshold >= 1
             return bool(mask.float().mean() <= self.auto_threshold)
         return self.execution == "sparse"
 

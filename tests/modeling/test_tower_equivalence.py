@@ -184,6 +184,24 @@ def test_auto_mode_equals_dense(make_pyramid, device):
     _check_equivalence(tower, feats, modes=("dense", "sparse", "auto"), device=device)
 
 
+@pytest.mark.parametrize("threshold, runs", [(0.0, "dense"), (1.0, "sparse")])
+def test_auto_thresholds_zero_and_one_run_one_mode(make_pyramid, monkeypatch, threshold, runs):
+    """auto at threshold 0 runs every path dense (an empty path included), at 1 every path sparse."""
+    tower = DynamicTower(16, 2, gn_groups=4, num_levels=3, execution="auto", auto_threshold=threshold)
+    _randomise(tower, seed=7)
+    _control_gates(tower, lambda shape, i: _pattern(shape, [0.0, 0.5, 1.0][i % 3], i))
+    called = []
+    for cls in (ScaleUnit, DepthPath):
+        for mode in ("dense", "sparse"):
+            original = getattr(cls, mode)
+            monkeypatch.setattr(
+                cls, mode, lambda *a, _f=original, _m=mode, **k: called.append(_m) or _f(*a, **k)
+            )
+    with torch.no_grad():
+        tower(make_pyramid(1, 16, (9, 8), 3, seed=8))
+    assert called and set(called) == {runs}
+
+
 @pytest.mark.parametrize("options", [
     {"gate_groups": 4},
     {"coarse_gate": True},
