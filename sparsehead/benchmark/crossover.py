@@ -16,7 +16,6 @@ import datetime
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from ..modeling.router import Router
+from ..utils.file_io import atomic_write
 
 __all__ = [
     "DEFAULT_CROSSOVER",
@@ -101,17 +101,8 @@ def save_crossover(
         "measured": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     record.update(extra or {})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps(record, indent=2) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
     return record
 
 

@@ -29,7 +29,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ from ..layers.sparse import (
 from ..modeling.cost import collect_cost
 from ..modeling.router import DepthPath, Router, default_rulebook
 from ..modeling.tower import DynamicTower, set_execution
+from ..utils.file_io import atomic_write
 from .crossover import CrossoverError, apply_crossover, crossover_from_rows, load_crossover, save_crossover
 from .patterns import blob_mask, fixed_gates, random_mask
 
@@ -682,23 +682,12 @@ def _order(row: dict[str, Any]) -> dict[str, Any]:
 # Output
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_outputs(rows: list[dict[str, Any]], out: Path, plot: bool = True) -> list[Path]:
     """``out/benchmark.json`` (list of rows), ``out/benchmark.csv`` and ``out/benchmark.png``."""
     out = Path(out)
     written = [out / "benchmark.json", out / "benchmark.csv"]
-    _atomic_write(written[0], (json.dumps(rows, indent=1) + "\n").encode())
+    data = (json.dumps(rows, indent=1) + "\n").encode()
+    atomic_write(written[0], lambda f: f.write(data))
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
@@ -706,11 +695,12 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, plot: bool = True) -> l
     w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    _atomic_write(written[1], buf.getvalue().encode())
+    atomic_write(written[1], lambda f: f.write(buf.getvalue().encode()))
     if plot:
         from .plot import plot_rows
 
-        _atomic_write(out / "benchmark.png", plot_rows(rows))
+        png = plot_rows(rows)
+        atomic_write(out / "benchmark.png", lambda f: f.write(png))
         written.append(out / "benchmark.png")
     return written
 

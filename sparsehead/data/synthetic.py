@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..utils.file_io import default_mode
 from .coco import DatasetError
 
 logger = logging.getLogger("sparsehead.data")
@@ -305,6 +306,7 @@ def generate_dataset(
                 json.dump(data, f)
         with open(tmp / META_FILE, "w") as f:
             json.dump(_meta(num_train, num_val, image_size, num_classes, seed), f, indent=2)
+        tmp.chmod(default_mode(directory=True))  # mkdtemp's own is owner-only
         try:
             os.replace(tmp, root)  # atomic; replaces an empty directory
         except OSError:

@@ -3,13 +3,14 @@
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
+
+from ..utils.file_io import atomic_write
 
 __all__ = [
     "atomic_save",
@@ -25,34 +26,16 @@ __all__ = [
 PathLike = Union[str, os.PathLike]
 
 
-def _atomic_write(path: PathLike, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def atomic_save(obj: Any, path: PathLike) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``.
 
     A failure (or kill) during the write leaves any previous ``path`` untouched.
     """
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text: str, path: PathLike) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def atomic_write_json(obj: Any, path: PathLike) -> None:

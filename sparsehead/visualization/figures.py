@@ -9,13 +9,13 @@ Every figure is ``FIG_SIZE`` inches at ``DPI``: a PNG of ``PNG_SIZE`` = 1600 × 
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from ..utils.file_io import atomic_write
 
 __all__ = ["DPI", "FIG_SIZE", "PNG_SIZE", "active_figure", "cost_figure", "gmacs_str", "image_figure",
            "require_matplotlib", "save_figure"]
@@ -47,32 +47,15 @@ def require_matplotlib() -> Any:
 def save_figure(fig: Any, path: str | os.PathLike) -> Path:
     """Write ``fig`` as a PNG of :data:`PNG_SIZE` to a temporary file beside ``path``, then rename it."""
     plt = require_matplotlib()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=DPI)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
     finally:
         plt.close(fig)
-    return path
 
 
 def gmacs_str(v: float) -> str:
     """GMACs with three decimals, or four significant digits below 1."""
     return f"{v:.3f}" if abs(v) >= 1 else f"{v:.4g}"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _new_figure() -> Any:
