@@ -199,7 +199,7 @@ class ScaleUnit(nn.Module):
             y = to_rows(channels_last(y)).index_select(0, flat)
         y = self.norm.forward_rows(y, grid.images(flat) if n > 1 else None, n, overwrite=True)
         gate = expand_gate(to_rows(g).index_select(0, flat) * weight, c)
-        return flat, y * gate if torch.is_grad_enabled() else y.mul_(gate)
+        return flat, (y * gate if torch.is_grad_enabled() else y.mul_(gate))
 
 
 # spconv's CUDA kernels exist for these dtypes only (no float64, no bfloat16).
