@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["downsample", "upsample", "downsample_rows", "downsample_parents", "upsample_rows", "half_size"]
+__all__ = ["downsample", "upsample", "downsample_parents", "upsample_rows", "half_size"]
 
 
 def half_size(size: Sequence[int]) -> list[int]:
@@ -68,21 +68,11 @@ def _children(batch: int, size: tuple[int, ...], fine: tuple[int, ...], device: 
     return grid.permute(order).reshape(-1, 2**ndim)
 
 
-def downsample_rows(
-    flat: torch.Tensor, rows: torch.Tensor, batch: int, size: Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows (R, C) at row numbers ``flat`` (R,) of a (batch, C, *size) map → their contributions to
-    the coarser level.
-
-    Returns ``(parent rows, rows / 2^ndim)``: adding them up per coarse row (``index_add``) gives
-    :func:`downsample` of the map that holds ``rows`` at ``flat`` and zeros elsewhere.
-    """
-    return downsample_parents(flat, batch, size), rows * (1.0 / 2 ** len(size))
-
-
 def downsample_parents(flat: torch.Tensor, batch: int, size: Sequence[int]) -> torch.Tensor:
     """The coarser level's row (R,) of each row number ``flat`` (R,) of a (batch, C, *size) map: its
-    2^ndim block's (see :func:`downsample_rows`)."""
+    2^ndim block's. Rows (R, C) at ``flat``, divided by 2^ndim and added up per parent (``index_add``),
+    give :func:`downsample` of the map that holds them at ``flat`` and zeros elsewhere.
+    """
     return _parents(batch, tuple(size), flat.device).index_select(0, flat)
 
 

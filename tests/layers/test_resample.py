@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sparsehead.layers.resample import downsample, downsample_rows, half_size, upsample, upsample_rows
+from sparsehead.layers.resample import downsample, downsample_parents, half_size, upsample, upsample_rows
 from sparsehead.layers.sparse import channels_last, flat_index, from_rows, mask_indices, to_rows
 
 
@@ -31,7 +31,7 @@ def test_row_resampling_equals_dense(size):
     rows = to_rows(channels_last(x)).index_select(0, flat)
 
     coarse = half_size(size)
-    cflat, crows = downsample_rows(flat, rows, 2, size)
+    cflat, crows = downsample_parents(flat, 2, size), rows / 2**ndim
     out = torch.zeros(2 * torch.Size(coarse).numel(), 3).index_add(0, cflat, crows)
     assert torch.allclose(from_rows(out, (2, 3, *coarse)), downsample(x), atol=1e-6)
 
