@@ -79,14 +79,13 @@ class MaskedGroupNorm(nn.Module):
             # not cancel; the shift changes the mean only, and is not differentiated (the result does
             # not depend on it).
             stats = rows if mask is None else rows[mask]
-            offset = self._offset(stats)  # (1, G, 1)
+            offset = self._offset(stats)  # (C,)
             if mask is None:  # normalise the shifted rows themselves
-                grouped = rows.reshape(-1, g, c // g)
-                rows = (grouped.sub_(offset) if inplace else grouped - offset).view(-1, c)
+                rows = rows.sub_(offset) if inplace else rows - offset
                 mean, var = self._moments(rows)
             else:  # a copy: shift it in place
-                mean, var = self._moments(stats.view(-1, g, c // g).sub_(offset).view(-1, c))
-                mean = mean + offset.view(1, g)
+                mean, var = self._moments(stats.sub_(offset))
+                mean = mean + offset[:: c // g][None]
         else:
             stats_rows, stats_batch = (rows, batch) if mask is None else (rows[mask], batch[mask])
             mean, var = self._batch_moments(stats_rows, stats_batch, batch_size)  # (N, G) each
@@ -107,7 +106,7 @@ class MaskedGroupNorm(nn.Module):
         """
         r, c = rows.shape
         g = self.num_groups
-        offset = rows[0, :: c // g].detach().repeat_interleave(c // g)  # a copy: rows may be shifted in place
+        offset = self._offset(rows)
         shifted = rows.sub_(offset) if inplace else rows - offset
         # (R, C) rows are the channels-last layout of a (1, C, 1, R) map: no copy either way. The op itself,
         # not F.group_norm: that refuses a group of one value, which here is a valid (constant) group.
@@ -116,11 +115,11 @@ class MaskedGroupNorm(nn.Module):
         return out.permute(0, 2, 3, 1).reshape(r, c)
 
     def _offset(self, rows: torch.Tensor) -> torch.Tensor:
-        """(1, G, 1): the first row's first value of each channel group (zeros when there is no row);
-        a copy, detached."""
+        """(C,): for each channel, the first row's value of its group's first channel (zeros when there is
+        no row); a detached copy, so the rows may be shifted by it in place."""
         if rows.shape[0] == 0:
-            return rows.new_zeros(1, self.num_groups, 1)
-        return rows[0, :: rows.shape[1] // self.num_groups].detach().clone().view(1, -1, 1)
+            return rows.new_zeros(rows.shape[1])
+        return rows[0, :: rows.shape[1] // self.num_groups].detach().repeat_interleave(rows.shape[1] // self.num_groups)
 
     def _moments(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and (biased) variance per group (1, G) of the rows (R, C) of one image; zeros without rows."""
