@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.gates import SpatialGate
+from ..layers.sites import SiteRows
 
 __all__ = ["blob_mask", "random_mask", "fixed_gates"]
 
@@ -61,16 +62,30 @@ def random_mask(shape: torch.Size, density: float, seed: int = 0) -> torch.Tenso
 def fixed_gates(model: nn.Module, pattern: Pattern, cache: bool = True) -> Iterator[None]:
     """Within the block, every gate of ``model`` is multiplied by ``pattern(gate_shape)``.
 
-    With ``cache`` the mask for each (gate, shape) is computed once and reused across forwards.
+    ``gate_shape`` is the (N, G, *spatial) shape of one level's gate map. A gate evaluated on the packed rows
+    of a pyramid (:class:`~sparsehead.layers.sites.SiteRows`, maps or voxels) gets the pattern of each
+    level's dense shape, read at the level's rows: the same masks either way. With ``cache`` the mask for
+    each (gate, shape) is computed once and reused across forwards (for maps; voxel index sets change).
     """
-    masks: dict[tuple[int, torch.Size, torch.device], torch.Tensor] = {}
+    masks: dict[tuple, torch.Tensor] = {}
+
+    def make(x, output: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, SiteRows):
+            return pattern(output.shape)
+        lay = x.layout
+        return lay.pack_levels([pattern(torch.Size((lay.batch, output.shape[1], *s))) for s in lay.shapes])
 
     def hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
-        key = (id(module), output.shape, output.device)
-        mask = masks.get(key) if cache else None
+        x = inputs[0]
+        packed = isinstance(x, SiteRows)
+        key = None
+        if cache and (not packed or x.layout.grid):
+            shapes = (x.layout.batch, x.layout.shapes, x.layout.rows) if packed else ()
+            key = (id(module), output.shape, output.device, shapes)
+        mask = masks.get(key) if key is not None else None
         if mask is None:
-            mask = pattern(output.shape).to(device=output.device, dtype=output.dtype)
-            if cache:
+            mask = make(x, output).to(device=output.device, dtype=output.dtype)
+            if key is not None:
                 masks[key] = mask
         return output * mask
 

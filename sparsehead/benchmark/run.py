@@ -41,13 +41,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
+from ..layers.sites import map_layout
 from ..layers.sparse import (
-    SubMConv,
+    SparseConvWeight,
     channels_last,
     dilate,
     flat_index,
     gather_conv,
-    grid_of,
+    import_spconv,
     mask_indices,
     to_rows,
 )
@@ -227,15 +228,13 @@ class ConvPair(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = SubMConv(2, channels, channels, 3, indice_key=None)
+        self.conv = SparseConvWeight(2, channels, channels, 3)
         self.execution = "sparse"
         self.auto_threshold = 0.5
         self.mask: Optional[torch.Tensor] = None
         self.last_macs = (0.0, 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import spconv.pytorch as spconv
-
         assert self.mask is not None, "set a mask first"
         n, c, h, w = x.shape
         per_pixel = float(self.conv.macs_per_pixel())
@@ -250,14 +249,14 @@ class ConvPair(nn.Module):
             if x.is_cuda:
                 idx = mask_indices(self.mask)
                 rows = to_rows(x).index_select(0, flat_index(idx, (h, w)))
-                t = spconv.SparseConvTensor(rows, idx, [h, w], n)
+                t = import_spconv().SparseConvTensor(rows, idx, [h, w], n)
             else:
-                grid = grid_of(x)
-                table = grid.table(grid.sites(self.mask))
+                active = self.mask.reshape(-1).nonzero()[:, 0]
+                table = map_layout(n, [(h, w)], x.device).missing_as_negative().index_select(0, active)
         with record_function("sparsehead.depth_conv"):
             if x.is_cuda:
-                return self.conv(t).features
-            return gather_conv(to_rows(x), self.conv.weight, table)
+                return self.conv.submanifold(t, "conv").features
+            return gather_conv(to_rows(x), self.conv.weight, table, missing=True)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .sites import SiteRows
+
 __all__ = [
     "GeReTanH", "SigmoidGate", "SoftmaxGate", "SpatialGate", "apply_gates", "build_gate_activation",
     "GATE_ACTIVATIONS", "gate_conv", "conv_taps", "rows_taps", "sum_taps", "gates_from_conv",
@@ -115,7 +117,9 @@ class SpatialGate(nn.Module):
             activation (the paper's coarse-grained variant): one gate value per image and group.
 
     ``forward(x)`` maps (N, C, *spatial) to gates (N, num_groups, *spatial), or (N, num_groups,
-    1, ...) when ``coarse``. The conv is an ordinary ``torch.nn.Conv2d``/``Conv3d`` at ``.conv``.
+    1, ...) when ``coarse``; on :class:`~sparsehead.layers.sites.SiteRows` (a pyramid's packed rows) it
+    returns rows (R, num_groups), a coarse gate repeated over the rows of each image and level. The conv
+    is an ordinary ``torch.nn.Conv2d``/``Conv3d`` at ``.conv``. Forward hooks see either kind of input.
     """
 
     def __init__(
@@ -147,23 +151,26 @@ class SpatialGate(nn.Module):
             bias = self.activation.init_bias(init_value)
         nn.init.constant_(self.conv.bias, bias)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-activation gate logits, (N, num_groups, *spatial)."""
-        return self._pool(gate_conv(x, self.conv.weight, self.conv.bias))
+    def logits(self, x: torch.Tensor | SiteRows) -> torch.Tensor:
+        """Pre-activation gate logits, (N, num_groups, *spatial) or rows (R, num_groups)."""
+        return self._pool(self._conv(x), x)
 
-    def _pool(self, conv_out: torch.Tensor) -> torch.Tensor:
-        if self.coarse:
-            return conv_out.mean(dim=tuple(range(2, conv_out.dim())), keepdim=True)
-        return conv_out
+    def _conv(self, x: torch.Tensor | SiteRows) -> torch.Tensor:
+        if isinstance(x, SiteRows):
+            return x.layout.gate_conv(rows_taps(x.buf, self.conv.weight), self.num_groups, self.conv.bias)
+        return gate_conv(x, self.conv.weight, self.conv.bias)
 
-    def activate(self, conv_out: torch.Tensor) -> torch.Tensor:
-        """Gates from this gate's conv output (N, num_groups, *spatial)."""
-        return self.activation(self._pool(conv_out))
+    def _pool(self, conv_out: torch.Tensor, x: torch.Tensor | SiteRows) -> torch.Tensor:
+        if not self.coarse:
+            return conv_out
+        if isinstance(x, SiteRows):
+            return x.layout.segment_mean(conv_out)
+        return conv_out.mean(dim=tuple(range(2, conv_out.dim())), keepdim=True)
 
-    def forward(self, x: torch.Tensor, conv_out: torch.Tensor | None = None) -> torch.Tensor:
-        """Gates (N, num_groups, *spatial) of ``x``; ``conv_out`` is ``self.conv(x)`` when the caller has
-        computed it already (see :func:`apply_gates`)."""
-        return self.activate(gate_conv(x, self.conv.weight, self.conv.bias) if conv_out is None else conv_out)
+    def forward(self, x: torch.Tensor | SiteRows, conv_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Gates of ``x``: (N, num_groups, *spatial) for a map, (R, num_groups) for rows. ``conv_out`` is the
+        gate conv of ``x`` (same layout) when the caller has computed it already (see :func:`apply_gates`)."""
+        return self.activation(self._pool(self._conv(x) if conv_out is None else conv_out, x))
 
     def macs_per_pixel(self) -> int:
         """Multiply-accumulates of the gate conv at one pixel."""

@@ -1,24 +1,29 @@
-"""Resampling by a factor of 2 between neighbouring pyramid levels, for full maps and for rows.
+"""Resampling by a factor of 2 between neighbouring pyramid levels: on maps, and as tables on rows.
 
-Pyramid sizes follow FPN: a level is half the size of the one below, rounded up (13×19 → 7×10).
-The same two definitions hold in both execution modes:
+Pyramid sizes follow FPN: a level is half the size of the one below, rounded up (13×19 → 7×10). Two
+definitions (``resample``), the same in every execution mode:
 
-- ``downsample``: the mean of each 2^ndim block, where the block of an odd-sized border counts the
-  missing pixels as zeros (the map is zero-padded at the end of each odd dimension, then 2^ndim
-  average-pooled). Output size ``ceil(size / 2)``.
-- ``upsample``: nearest neighbour, ``out[i] = in[i // 2]``, cropped to the finer level's size.
+- ``pool`` (default): ``downsample`` is the mean of each 2^ndim block, where the block of an odd-sized
+  border counts the missing pixels as zeros (the map is zero-padded at the end of each odd dimension,
+  then 2^ndim average-pooled); ``upsample`` is nearest neighbour, ``out[i] = in[i // 2]``, cropped to the
+  finer level's size.
+
+Both are linear maps that act on each dimension separately. On rows (the sparse engine) they are tables:
+for each source pixel, the destination pixels it contributes to, with weights (``fan_out``); a row's
+contribution is added into its targets (``index_add``). :func:`grid_tables` builds them for whole maps,
+:func:`index_tables` for sparse index sets (voxels), where a target that is not a site receives nothing.
 """
 from __future__ import annotations
 
-import functools
-import itertools
 import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["downsample", "upsample", "downsample_parents", "upsample_rows", "half_size"]
+__all__ = ["RESAMPLE_MODES", "downsample", "upsample", "half_size", "fan_out", "grid_tables", "index_tables"]
+
+RESAMPLE_MODES = ("pool",)
 
 
 def half_size(size: Sequence[int]) -> list[int]:
@@ -44,48 +49,110 @@ def upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return out[(slice(None), slice(None)) + tuple(slice(0, s) for s in size)]
 
 
-@functools.lru_cache(maxsize=64)
-def _parents(batch: int, size: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """(N * prod(size),) int64: the row of each pixel's 2^ndim block on the coarser level."""
-    coarse = half_size(size)
-    parent = torch.arange(batch * math.prod(coarse), device=device).view(batch, *coarse)
-    for d, s in enumerate(size):
-        parent = parent.repeat_interleave(2, dim=d + 1).narrow(d + 1, 0, s)
-    return parent.reshape(-1)
+def _check_mode(mode: str) -> None:
+    if mode not in RESAMPLE_MODES:
+        raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {mode!r}")
 
 
-@functools.lru_cache(maxsize=64)
-def _children(batch: int, size: tuple[int, ...], fine: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """(N * prod(size), 2^ndim) int64: the rows of each pixel's children on the finer level of size
-    ``fine`` (at most twice ``size``), -1 for a child cropped away."""
-    ndim = len(size)
-    rows = torch.arange(batch * math.prod(fine), device=device).view(batch, *fine)
-    pad = []
-    for s, f in zip(reversed(size), reversed(fine)):
-        pad += [0, 2 * s - f]
-    grid = F.pad(rows, pad, value=-1).view(batch, *itertools.chain.from_iterable((s, 2) for s in size))
-    order = [0] + [1 + 2 * d for d in range(ndim)] + [2 + 2 * d for d in range(ndim)]
-    return grid.permute(order).reshape(-1, 2**ndim)
+def _fan_out_1d(n_in: int, n_out: int, mode: str, down: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Along one dimension: for each input index, the output indices it contributes to and the weights,
+    ``(targets (n_in, f), weights (n_in, f))``, padded with weight 0."""
+    i = torch.arange(n_in)
+    if down:  # the half of a 2-block mean
+        return (i // 2)[:, None], torch.full((n_in, 1), 0.5, dtype=torch.float64)
+    t = torch.stack([2 * i, 2 * i + 1], dim=1)  # nearest: both children, the one past the end cropped
+    return t.clamp_max(n_out - 1), (t < n_out).double()
 
 
-def downsample_parents(flat: torch.Tensor, batch: int, size: Sequence[int]) -> torch.Tensor:
-    """The coarser level's row (R,) of each row number ``flat`` (R,) of a (batch, C, *size) map: its
-    2^ndim block's. Rows (R, C) at ``flat``, divided by 2^ndim and added up per parent (``index_add``),
-    give :func:`downsample` of the map that holds them at ``flat`` and zeros elsewhere.
-    """
-    return _parents(batch, tuple(size), flat.device).index_select(0, flat)
-
-
-def upsample_rows(
-    flat: torch.Tensor, rows: torch.Tensor, batch: int, size: Sequence[int], fine: Sequence[int]
+def fan_out(
+    coords: torch.Tensor, src: Sequence[int], dst: Sequence[int], mode: str = "pool", down: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows (R, C) at row numbers ``flat`` of a (batch, C, *size) map → the rows of their 2^ndim
-    children on the finer level of size ``fine``, as (child rows, rows).
+    """Targets of the pixels at ``coords`` (P, ndim) of a ``src``-shaped map in the ``dst``-shaped
+    neighbour level (``down``: ``dst`` is the coarser one; shapes alone are ambiguous for size-1 levels).
 
-    Children outside ``fine`` (the crop of an odd-sized finer level) are dropped, as in :func:`upsample`.
+    Returns ``(targets (P, F) int64, weights (P, F) float64)``: row-major flat pixel numbers in ``dst``,
+    weight 0 where a pixel has fewer than ``F`` targets. The map is separable: ``F`` is the product of
+    the per-dimension fan-outs.
     """
-    children = _children(batch, tuple(size), tuple(fine), flat.device).index_select(0, flat)  # (R, 2^ndim)
-    if bool((children < 0).any()):
-        keep = (children >= 0).nonzero()
-        return children[keep[:, 0], keep[:, 1]], rows.index_select(0, keep[:, 0])
-    return children.reshape(-1), rows.repeat_interleave(children.shape[1], dim=0)
+    _check_mode(mode)
+    coords = coords.long().cpu()
+    targets = torch.zeros(coords.shape[0], 1, dtype=torch.int64)
+    weights = torch.ones(coords.shape[0], 1, dtype=torch.float64)
+    for d, (n_in, n_out) in enumerate(zip(src, dst)):
+        t, w = _fan_out_1d(n_in, n_out, mode, down)
+        t, w = t[coords[:, d]], w[coords[:, d]]  # (P, f_d)
+        targets = (targets[:, :, None] * n_out + t[:, None, :]).flatten(1)
+        weights = (weights[:, :, None] * w[:, None, :]).flatten(1)
+    return targets, weights
+
+
+def _grid_coords(shape: Sequence[int]) -> torch.Tensor:
+    axes = [torch.arange(s) for s in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(shape))
+
+
+def grid_tables(
+    batch: int, shapes: Sequence[Sequence[int]], offsets: Sequence[int], mode: str, device: torch.device
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Down and up tables over the packed rows of whole maps (see :mod:`sparsehead.layers.sites`):
+    ``(index (R, F), weight (R, F))`` each, index a global row, weight 0 where there is no target."""
+    levels = len(shapes)
+    tables = []
+    for down in (True, False):
+        parts_i, parts_w = [], []
+        for lvl, shape in enumerate(shapes):
+            dst = lvl + 1 if down else lvl - 1
+            pix = math.prod(shape)
+            if not 0 <= dst < levels:
+                parts_i.append(torch.zeros(batch * pix, 1, dtype=torch.int64))
+                parts_w.append(torch.zeros(batch * pix, 1, dtype=torch.float64))
+                continue
+            t, w = fan_out(_grid_coords(shape), shape, shapes[dst], mode, down)
+            base = offsets[dst] + torch.arange(batch)[:, None, None] * math.prod(shapes[dst])
+            parts_i.append((t[None] + base).reshape(-1, t.shape[1]))
+            parts_w.append(w[None].expand(batch, -1, -1).reshape(-1, w.shape[1]))
+        tables.append(_stack_tables(parts_i, parts_w, device))
+    return tables[0], tables[1]
+
+
+def _stack_tables(parts_i, parts_w, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(p.shape[1] for p in parts_i)
+    index = torch.cat([F.pad(p, (0, width - p.shape[1])) for p in parts_i])
+    weight = torch.cat([F.pad(p, (0, width - p.shape[1])) for p in parts_w])
+    return index.to(device), weight.to(device)
+
+
+def index_tables(images, coords, shapes, lookups, offsets, mode: str):
+    """Down and up tables over the packed rows of sparse levels: as :func:`grid_tables`, with targets that
+    are not sites of the destination level dropped (weight 0). ``lookups[l](image, coords)`` gives the
+    global row of a site of level ``l`` or ``R``."""
+    levels = len(shapes)
+    device = coords[0].device
+    total = offsets[-1]
+    tables = []
+    for down in (True, False):
+        parts_i, parts_w = [], []
+        for lvl, shape in enumerate(shapes):
+            dst = lvl + 1 if down else lvl - 1
+            rows = coords[lvl].shape[0]
+            if not 0 <= dst < levels or rows == 0:
+                parts_i.append(torch.zeros(rows, 1, dtype=torch.int64, device=device))
+                parts_w.append(torch.zeros(rows, 1, dtype=torch.float64, device=device))
+                continue
+            t, w = fan_out(coords[lvl], shape, shapes[dst], mode, down)
+            t, w = t.to(device), w.to(device)  # (R_l, F)
+            dst_coords = _unflat(t, shapes[dst])  # (R_l, F, ndim)
+            target = lookups[dst](images[lvl][:, None].expand_as(t), dst_coords)
+            w = w * (target < total)
+            parts_i.append(target.masked_fill(target >= total, 0))
+            parts_w.append(w)
+        tables.append(_stack_tables(parts_i, parts_w, device))
+    return tables[0], tables[1]
+
+
+def _unflat(flat: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    out = []
+    for s in reversed(shape):
+        out.append(flat % s)
+        flat = torch.div(flat, s, rounding_mode="floor")
+    return torch.stack(out[::-1], dim=-1)

@@ -1,14 +1,20 @@
-"""DynamicTower: a stack of routers over a feature pyramid, with checked inputs and switchable execution."""
+"""DynamicTower: a stack of routers over a feature pyramid, with checked inputs and switchable execution.
+
+The tower packs its input once into :class:`~sparsehead.layers.sites.SiteRows` (all levels and images as
+rows of one tensor), runs every router on the rows, and returns views of the result: maps for maps, spconv
+tensors on the same indices for spconv tensors (see :mod:`sparsehead.modeling.sparse_input`).
+"""
 from __future__ import annotations
 
 import math
 from typing import Sequence
 
-import spconv.pytorch as spconv
 import torch
 from torch import nn
 
+from ..layers.sites import SiteRows
 from .router import Router, check_execution
+from .sparse_input import forward_sparse, is_sparse_tensor
 
 __all__ = ["DynamicTower", "ExecutionMixin", "set_execution"]
 
@@ -37,7 +43,8 @@ class DynamicTower(ExecutionMixin, nn.Module):
         num_routers: routers in the stack ("D4" in the paper has 4).
         ndim: spatial dimensions: 2 for (N, C, H, W) maps, 3 for (N, C, D, H, W) volumes.
         tau: GeReTanH temperature shift.
-        num_levels: pyramid levels expected (5 for P3–P7).
+        num_levels: pyramid levels expected (5 for P3–P7); None accepts any number (the weights are shared
+            across levels).
         gated: False gives the ungated "Fixed" tower (same paths, always computed).
         gate_activation: ``geretanh``, ``retanh``, ``sigmoid`` or ``softmax``.
         gate_init: initial gate value.
@@ -47,8 +54,9 @@ class DynamicTower(ExecutionMixin, nn.Module):
         execution: ``dense``, ``sparse`` or ``auto``.
         auto_threshold: active fraction up to which ``auto`` runs a path sparse.
 
-    ``tower(features)`` takes a list of ``num_levels`` tensors (N, C, *spatial), finest first, each level
-    half the size of the previous one (rounded up), and returns a list of the same shapes.
+    ``tower(features)`` takes a list of tensors (N, C, *spatial), finest first, each level half the size
+    of the previous one (rounded up), and returns a list of the same shapes (channels-last views of one
+    buffer); or spconv tensors, see :meth:`forward`.
     """
 
     def __init__(
@@ -57,7 +65,7 @@ class DynamicTower(ExecutionMixin, nn.Module):
         num_routers: int,
         ndim: int = 2,
         tau: float = 1.5,
-        num_levels: int = 5,
+        num_levels: int | None = None,
         gated: bool = True,
         gate_activation: str = "geretanh",
         gate_init: float = 0.99,
@@ -70,7 +78,7 @@ class DynamicTower(ExecutionMixin, nn.Module):
         super().__init__()
         if ndim not in (2, 3):
             raise ValueError(f"ndim must be 2 or 3, got {ndim}")
-        if channels < 1 or num_routers < 1 or num_levels < 1:
+        if channels < 1 or num_routers < 1 or (num_levels is not None and num_levels < 1):
             raise ValueError(
                 f"channels, num_routers and num_levels must be positive, got {channels}, {num_routers}, {num_levels}"
             )
@@ -92,12 +100,19 @@ class DynamicTower(ExecutionMixin, nn.Module):
     def execution(self) -> str:
         return self.routers[0].execution
 
+    def check_levels(self, count: int) -> None:
+        """Raise a ValueError if ``count`` levels are not what the tower expects."""
+        if self.num_levels is not None and count != self.num_levels:
+            raise ValueError(f"features must have {self.num_levels} levels, got {count}")
+        if count < 1:
+            raise ValueError("features must have at least one level")
+
     def check_features(self, features: Sequence[torch.Tensor]) -> None:
         """Raise a ValueError/TypeError naming the problem if ``features`` is not a valid pyramid."""
         if isinstance(features, torch.Tensor) or not isinstance(features, (list, tuple)):
-            raise TypeError(f"features must be a list of {self.num_levels} tensors, got {type(features).__name__}")
-        if len(features) != self.num_levels:
-            raise ValueError(f"features must have {self.num_levels} levels, got {len(features)}")
+            expected = f"{self.num_levels} tensors" if self.num_levels else "tensors"
+            raise TypeError(f"features must be a list of {expected}, got {type(features).__name__}")
+        self.check_levels(len(features))
         first = features[0]
         for i, x in enumerate(features):
             if not isinstance(x, torch.Tensor):
@@ -130,17 +145,17 @@ class DynamicTower(ExecutionMixin, nn.Module):
     def forward(self, features):
         """Dense maps in, dense maps out; or SparseConvTensors in, SparseConvTensors out.
 
-        ``features``: a list of ``num_levels`` (N, C, *spatial) tensors, or (for voxel detectors) one
-        ``spconv.pytorch.SparseConvTensor`` (``num_levels == 1``) or a list of them; see
+        ``features``: a list of (N, C, *spatial) tensors, or (for voxel detectors) one
+        ``spconv.pytorch.SparseConvTensor`` (a single level) or a list of them; see
         :mod:`sparsehead.modeling.sparse_input`.
         """
-        first = features[0] if isinstance(features, (list, tuple)) and features else features
-        if isinstance(first, spconv.SparseConvTensor):
-            from .sparse_input import forward_sparse
-
+        if is_sparse_tensor(features):
             return forward_sparse(self, features)
         self.check_features(features)
-        out = list(features)
-        for i, router in enumerate(self.routers):
-            out = router(out, overwrite_inputs=i > 0)  # the maps between routers are the tower's own
-        return out
+        return self.run(SiteRows.from_maps(list(features))).to_maps()
+
+    def run(self, x: SiteRows) -> SiteRows:
+        """Every router on packed rows ``x``, which the tower owns (they may be overwritten without autograd)."""
+        for router in self.routers:
+            x = router(x, overwrite_inputs=True)
+        return x

@@ -1,113 +1,103 @@
 import pytest
 import torch
 
-from sparsehead.layers.norm import MaskedGroupNorm
-from sparsehead.layers.sparse import channels_last, flat_index, mask_indices, to_rows
+from sparsehead.layers.norm import MaskedGroupNorm, group_norm_rows
 
 
-def test_full_mask_equals_torch_group_norm():
-    x = torch.randn(2, 8, 5, 6)
-    norm = MaskedGroupNorm(4, 8)
+def _reference(rows: torch.Tensor, segment: torch.Tensor, mask, norm: MaskedGroupNorm) -> torch.Tensor:
+    """Per segment: mean and biased variance of its masked rows per group, written out, in float64."""
+    rows = rows.double()
+    m, c = rows.shape
+    g = norm.num_groups
+    out = torch.empty_like(rows)
+    for s in segment.unique().tolist():
+        sel = segment == s
+        stats = sel if mask is None else sel & mask
+        xs = rows[stats].reshape(-1, g, c // g)
+        if xs.shape[0]:
+            var, mean = torch.var_mean(xs, dim=(0, 2), correction=0)
+        else:
+            var, mean = torch.zeros(g, dtype=rows.dtype), torch.zeros(g, dtype=rows.dtype)
+        y = (rows[sel].reshape(-1, g, c // g) - mean[:, None]) * torch.rsqrt(var + norm.eps)[:, None]
+        out[sel] = y.reshape(-1, c) * norm.weight.double() + norm.bias.double()
+    return out
+
+
+def _norm(groups: int, channels: int) -> MaskedGroupNorm:
+    norm = MaskedGroupNorm(groups, channels).double()
     torch.nn.init.normal_(norm.weight)
     torch.nn.init.normal_(norm.bias)
+    return norm
+
+
+def test_one_segment_without_mask_equals_torch_group_norm():
+    x = torch.randn(1, 8, 5, 6, dtype=torch.float64)
+    norm = _norm(4, 8)
     ref = torch.nn.functional.group_norm(x, 4, norm.weight, norm.bias, eps=norm.eps)
-    mask = torch.ones(2, 1, 5, 6, dtype=torch.bool)
-    assert torch.allclose(norm.forward_dense(x, mask), ref, atol=1e-5)
+    rows = x.movedim(1, -1).reshape(-1, 8)
+    out = norm.forward_rows(rows, torch.zeros(30, dtype=torch.int64), 1)
+    assert torch.allclose(out, ref.movedim(1, -1).reshape(-1, 8))
 
 
-def test_statistics_cover_only_masked_pixels():
-    x = torch.randn(1, 4, 6, 6)
-    mask = torch.zeros(1, 1, 6, 6, dtype=torch.bool)
-    mask[..., :3, :] = True
-    norm = MaskedGroupNorm(2, 4)
-    out = norm.forward_dense(x, mask)
-    # Changing the unmasked pixels must not change the masked outputs.
-    x2 = x.clone()
-    x2[..., 3:, :] = 100.0
-    out2 = norm.forward_dense(x2, mask)
-    assert torch.allclose(out[..., :3, :], out2[..., :3, :])
-    # Each group of masked outputs has zero mean and unit variance.
-    masked = out[0, :, :3, :].reshape(2, -1)
-    assert torch.allclose(masked.mean(dim=1), torch.zeros(2), atol=1e-5)
-    assert torch.allclose(masked.var(dim=1, unbiased=False), torch.ones(2), atol=1e-3)
-
-
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("segments", [1, 3, 6])
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
-def test_rows_match_dense(density, batch):
+def test_statistics_per_segment_over_masked_rows(segments, density):
     torch.manual_seed(0)
-    x = torch.randn(batch, 8, 7, 5)
-    mask = torch.rand(batch, 1, 7, 5) < density
-    if batch > 1:
-        mask[1] = False  # an image with nothing active
-    norm = MaskedGroupNorm(4, 8)
-    torch.nn.init.normal_(norm.weight)
-    torch.nn.init.normal_(norm.bias)
-    dense = norm.forward_dense(x, mask)
-    idx = mask_indices(mask)
-    flat = flat_index(idx, (7, 5))
-    rows = to_rows(channels_last(x)).index_select(0, flat)
-    sparse = norm.forward_rows(rows, idx[:, 0].long(), batch)
-    assert torch.allclose(sparse, to_rows(channels_last(dense)).index_select(0, flat), atol=1e-5)
+    rows = torch.randn(60, 8, dtype=torch.float64) * 2 + 1
+    segment = torch.randint(0, segments, (60,))
+    mask = torch.rand(60) < density
+    norm = _norm(4, 8)
+    out = norm.forward_rows(rows, segment, segments, mask)
+    assert torch.allclose(out, _reference(rows, segment, mask, norm))
+    # Rows outside the mask do not change the masked rows' statistics.
+    changed = rows.clone()
+    changed[~mask] = 100.0
+    again = norm.forward_rows(changed, segment, segments, mask)
+    assert torch.allclose(again[mask], out[mask])
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_rows_statistics_over_a_subset(batch):
-    # Rows outside ``mask`` are normalised but do not enter the statistics.
+def test_empty_segments_and_per_segment_affine():
+    """Segments without rows are allowed; (S, C) weight and bias tables give each segment its own affine."""
     torch.manual_seed(1)
-    rows = torch.randn(20, 8, dtype=torch.float64)
-    image = torch.arange(20) % batch
-    image = image.sort().values
-    mask = torch.rand(20) < 0.6
-    norm = MaskedGroupNorm(2, 8).double()
-    out = norm.forward_rows(rows, image, batch, mask)
-    for b in range(batch):
-        sel = (image == b) & mask
-        xs = rows[sel].reshape(-1, 2, 4)
-        mean = xs.mean(dim=(0, 2))
-        var = xs.var(dim=(0, 2), unbiased=False)
-        want = (rows[image == b].reshape(-1, 2, 4) - mean[:, None]) / torch.sqrt(var[:, None] + norm.eps)
-        assert torch.allclose(out[image == b], want.reshape(-1, 8))
+    rows = torch.randn(12, 4, dtype=torch.float64)
+    segment = torch.tensor([0] * 6 + [3] * 6)
+    weight, bias = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    out = group_norm_rows(rows, segment, 5, 2, weight, bias)
+    for s in (0, 3):
+        norm = MaskedGroupNorm(2, 4).double()
+        with torch.no_grad():
+            norm.weight.copy_(weight[s])
+            norm.bias.copy_(bias[s])
+        sel = segment == s
+        assert torch.allclose(out[sel], _reference(rows[sel], segment[sel], None, norm))
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_rows_overwrite_only_without_autograd(batch):
+def test_overwrite_only_without_autograd():
     torch.manual_seed(0)
-    norm = MaskedGroupNorm(4, 8)
-    torch.nn.init.normal_(norm.weight)
-    rows = 3.0 + 0.5 * torch.randn(40, 8)  # an offset mean: the shifted one-pass variance must hold
-    index = torch.randint(0, batch, (40,))
-    expected = norm.forward_rows(rows, index, batch)
-    per_row = rows.view(40, 4, 2)
-    for i in range(batch):
-        var, mean = torch.var_mean(per_row[index == i], dim=(0, 2), correction=0)
-        ref = (per_row[index == i] - mean[:, None]) * torch.rsqrt(var + norm.eps)[:, None]
-        assert torch.allclose(expected[index == i], ref.reshape(-1, 8) * norm.weight + norm.bias, atol=1e-5)
-    # With autograd the input is left alone even when the caller allows overwriting.
+    norm = _norm(4, 8).float()
+    rows = 3.0 + 0.5 * torch.randn(40, 8)
+    segment = torch.randint(0, 3, (40,))
+    expected = norm.forward_rows(rows, segment, 3)
     kept = rows.clone()
-    assert torch.allclose(norm.forward_rows(rows, index, batch, overwrite=True), expected)
-    assert torch.equal(rows, kept)
+    assert torch.allclose(norm.forward_rows(rows, segment, 3, overwrite=True), expected)
+    assert torch.equal(rows, kept)  # autograd on: the input is left alone
     with torch.no_grad():
-        out = norm.forward_rows(rows, index, batch, overwrite=True)
+        out = norm.forward_rows(rows, segment, 3, overwrite=True)
+    assert out.data_ptr() == rows.data_ptr()
     assert torch.allclose(out, expected.detach(), atol=1e-5)
 
 
 @pytest.mark.parametrize("subset", [False, True])
-def test_rows_one_image_far_from_zero_mean(subset):
-    """One image: the statistics come from shifted data, so a mean far from zero costs no precision;
-    values and gradients match the float64 reference, with and without a statistics mask."""
+def test_far_from_zero_mean_keeps_precision(subset):
+    """Two-pass statistics: a mean far from zero costs no precision in float32; gradients too."""
     torch.manual_seed(2)
-    norm = MaskedGroupNorm(4, 8)
-    torch.nn.init.normal_(norm.weight)
-    torch.nn.init.normal_(norm.bias)
+    norm = _norm(4, 8).float()
     rows = (1000.0 + 0.1 * torch.randn(50, 8)).requires_grad_()
+    segment = torch.zeros(50, dtype=torch.int64)
     mask = torch.rand(50) < 0.5 if subset else None
-    out = norm.forward_rows(rows, None, 1, mask)
+    out = norm.forward_rows(rows, segment, 1, mask)
     ref_rows = rows.detach().double().requires_grad_()
-    stats = ref_rows if mask is None else ref_rows[mask]
-    var, mean = torch.var_mean(stats.view(-1, 4, 2), dim=(0, 2), correction=0)
-    ref = (ref_rows.view(-1, 4, 2) - mean[:, None]) * torch.rsqrt(var + norm.eps)[:, None]
-    ref = ref.reshape(-1, 8) * norm.weight.double() + norm.bias.double()
+    ref = _reference(ref_rows, segment, mask, norm)
     assert torch.allclose(out.double(), ref, atol=2e-3)
     upstream = torch.randn(50, 8)
     (grad,) = torch.autograd.grad(out, rows, upstream)
@@ -115,28 +105,12 @@ def test_rows_one_image_far_from_zero_mean(subset):
     assert torch.allclose(grad.double(), ref_grad, atol=0.05 * ref_grad.abs().max().item())
 
 
-def test_rows_need_batch_indices_for_several_images():
-    norm = MaskedGroupNorm(2, 4)
-    with pytest.raises(ValueError, match="batch indices"):
-        norm.forward_rows(torch.randn(6, 4), None, 2)
-
-
-def test_rows_one_channel_per_group_in_place():
-    """With one channel per group the shift is a row's own values: it must be a copy."""
-    norm = MaskedGroupNorm(4, 4)
-    rows = torch.randn(9, 4) + 5.0
-    expected = norm.forward_rows(rows, None, 1)
-    with torch.no_grad():
-        out = norm.forward_rows(rows.clone(), None, 1, overwrite=True)
-    assert torch.allclose(out, expected, atol=1e-5)
-
-
-def test_rows_group_of_one_value_is_its_bias():
+def test_group_of_one_value_is_its_bias():
     """One row and one channel per group: each group's one value is its mean, so the output is the bias."""
     norm = MaskedGroupNorm(4, 4)
     torch.nn.init.normal_(norm.bias)
     rows = torch.randn(1, 4, requires_grad=True)
-    out = norm.forward_rows(rows, None, 1)
+    out = norm.forward_rows(rows, torch.zeros(1, dtype=torch.int64), 1)
     assert torch.allclose(out, norm.bias.detach()[None])
     (grad,) = torch.autograd.grad(out.sum(), rows)
     assert torch.allclose(grad, torch.zeros(1, 4))

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from sparsehead.layers.resample import downsample, downsample_parents, half_size, upsample, upsample_rows
-from sparsehead.layers.sparse import channels_last, flat_index, from_rows, mask_indices, to_rows
+from sparsehead.layers.resample import downsample, half_size, upsample
+from sparsehead.layers.sites import index_layout, map_layout
 
 
 def test_downsample_odd_size_zero_pads():
@@ -21,22 +21,46 @@ def test_upsample_nearest_and_crop():
     assert out[0, 0].tolist() == [[0, 0, 1, 1, 2], [0, 0, 1, 1, 2], [3, 3, 4, 4, 5]]
 
 
-@pytest.mark.parametrize("size", [(13, 19), (8, 8), (6, 5, 7)])
-def test_row_resampling_equals_dense(size):
+def _apply(table, rows: torch.Tensor, source: slice, total: int) -> torch.Tensor:
+    """Rows (total, C) that receive the contributions of ``rows`` (the rows in ``source``) through ``table``."""
+    index, weight = table
+    w = weight[source].to(rows.dtype)[:, :, None]
+    out = torch.zeros(total, rows.shape[1], dtype=rows.dtype)
+    return out.index_add(0, index[source].reshape(-1), (rows[:, None, :] * w).reshape(-1, rows.shape[1]))
+
+
+@pytest.mark.parametrize("size", [(13, 19), (8, 8), (6, 5, 7), (1, 3)])
+def test_grid_tables_equal_map_resampling(size):
+    """Down and up tables of a two-level map layout reproduce downsample and upsample (odd sizes cropped)."""
     torch.manual_seed(0)
-    ndim = len(size)
-    mask = torch.rand(2, 1, *size) < 0.4
-    x = torch.randn(2, 3, *size) * mask
-    flat = flat_index(mask_indices(mask), size)
-    rows = to_rows(channels_last(x)).index_select(0, flat)
+    coarse = tuple(half_size(size))
+    lay = map_layout(2, [size, coarse], "cpu")
+    fine_rows, coarse_rows = slice(*lay.level_rows(0, 1)), slice(*lay.level_rows(1, 2))
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    y = torch.randn(2, 3, *coarse, dtype=torch.float64)
+    packed = lay.pack_levels([x, y])
+    down = _apply(lay.down, packed[fine_rows], fine_rows, lay.rows)
+    assert torch.allclose(lay.level(down, 1), downsample(x))
+    assert torch.all(down[fine_rows] == 0) and torch.all(lay.down[1][coarse_rows] == 0)  # coarsest: no target
+    up = _apply(lay.up, packed[coarse_rows], coarse_rows, lay.rows)
+    assert torch.allclose(lay.level(up, 0), upsample(y, size))
+    assert torch.all(lay.up[1][fine_rows] == 0)
 
-    coarse = half_size(size)
-    cflat, crows = downsample_parents(flat, 2, size), rows / 2**ndim
-    out = torch.zeros(2 * torch.Size(coarse).numel(), 3).index_add(0, cflat, crows)
-    assert torch.allclose(from_rows(out, (2, 3, *coarse)), downsample(x), atol=1e-6)
 
-    for fine in ([2 * s for s in size], [2 * s - 1 for s in size]):  # odd: the last children are cropped
-        fflat, frows = upsample_rows(flat, rows, 2, size, fine)
-        out = torch.zeros(2 * torch.Size(fine).numel(), 3).index_add(0, fflat, frows)
-        assert torch.allclose(from_rows(out, (2, 3, *fine)), upsample(x, fine))
-        assert fflat.shape[0] <= flat.shape[0] * 2**ndim
+def test_index_tables_send_nothing_to_missing_sites():
+    """On sparse index sets, resampling is the map resampling of the volume that is zero off the sites, kept
+    at the destination's sites only."""
+    torch.manual_seed(1)
+    size, coarse = (6, 7, 5), tuple(half_size((6, 7, 5)))
+    masks = [torch.rand(2, *size) < 0.4, torch.rand(2, *coarse) < 0.6]
+    indices = [torch.nonzero(m).int() for m in masks]
+    lay = index_layout(indices, [size, coarse], 2)
+    vols = [torch.randn(2, 3, *s, dtype=torch.float64) * m[:, None] for s, m in zip((size, coarse), masks)]
+    rows = [v[(i[:, 0].long(), slice(None), *i[:, 1:].long().t())] for v, i in zip(vols, indices)]
+    fine, crs = slice(*lay.level_rows(0, 1)), slice(*lay.level_rows(1, 2))
+    down = _apply(lay.down, rows[0], fine, lay.rows)[crs]
+    expected = downsample(vols[0])[(indices[1][:, 0].long(), slice(None), *indices[1][:, 1:].long().t())]
+    assert torch.allclose(down, expected)
+    up = _apply(lay.up, rows[1], crs, lay.rows)[fine]
+    expected = upsample(vols[1], size)[(indices[0][:, 0].long(), slice(None), *indices[0][:, 1:].long().t())]
+    assert torch.allclose(up, expected)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from sparsehead import DynamicTower, SpatialGate, collect_cost
+from sparsehead.layers.sites import SiteRows
 from sparsehead.modeling.cost import Cost
 
 
@@ -14,16 +15,20 @@ def _tiny_tower_with_fixed_gates():
     # down unit runs on level 0 (4×4): two active pixels with gates 0.5 and 0.25
     g = torch.zeros(1, 1, 4, 4)
     g[0, 0, 0, 0], g[0, 0, 3, 3] = 0.5, 0.25
-    fixed[router.down.gate] = [g]
+    fixed[router.down.gate] = [g, torch.ones(1, 1, 2, 2)]  # (level 1 has no coarser level: never counted)
     # up unit runs on level 1 (2×2): all active at 1.0
-    fixed[router.up.gate] = [torch.ones(1, 1, 2, 2)]
+    fixed[router.up.gate] = [torch.ones(1, 1, 4, 4), torch.ones(1, 1, 2, 2)]  # (level 0: none finer)
     # depth gate: level 0 one pixel (1, 1) at 0.5; level 1 nothing
     d0 = torch.zeros(1, 1, 4, 4)
     d0[0, 0, 1, 1] = 0.5
     fixed[router.depth.gate] = [d0, torch.zeros(1, 1, 2, 2)]
     for gate, values in fixed.items():
-        calls = iter(values * 10)
-        gate.register_forward_hook(lambda m, i, o, calls=calls: next(calls))
+        # The gates of every level at once: packed rows of the per-level maps.
+        def hook(m, inputs, out, values=values):
+            assert isinstance(inputs[0], SiteRows)
+            return inputs[0].layout.pack_levels(values)
+
+        gate.register_forward_hook(hook)
     return tower
 
 

@@ -7,9 +7,11 @@ import pytest
 import spconv.pytorch as spconv
 import torch
 import torch.nn.functional as F
+from router_reference import reference_tower
 
 from sparsehead import DynamicTower, SpatialGate, collect_cost
 from sparsehead.layers.resample import half_size
+from sparsehead.layers.sites import SiteRows
 from sparsehead.modeling.sparse_input import forward_sparse
 
 SHAPE = (12, 10, 8)
@@ -71,10 +73,8 @@ def _randomise(tower: DynamicTower, seed: int) -> None:
 
 
 def _control_gates(tower: DynamicTower, masks: list[torch.Tensor], pattern: str, seed: int = 3) -> None:
-    """Multiply each gate by a fixed 0/1 volume per (gate, level); the hook sees (N, G, *shape) in the
-    dense reference and (R, G) rows in the sparse mode (levels told apart by their voxel counts)."""
-    counts = [int(m.sum()) for m in masks]
-    assert len(set(counts)) == len(counts), "levels need distinct voxel counts"
+    """Multiply each gate by a fixed 0/1 volume per (gate, level); the hook sees (N, G, *shape) volumes in the
+    reference and the packed rows of all levels in the engine (each level's volume read at its voxels)."""
     gates = [m for m in tower.modules() if isinstance(m, SpatialGate)]
     gen = torch.Generator().manual_seed(seed)
     for gate in gates:
@@ -96,24 +96,38 @@ def _control_gates(tower: DynamicTower, masks: list[torch.Tensor], pattern: str,
             vols.append(v)
 
         def hook(mod, inp, out, vols=vols):
-            if out.dim() == 2:
-                lvl = counts.index(out.shape[0])
-                idx = torch.nonzero(masks[lvl])
-                return out * vols[lvl].movedim(1, -1)[tuple(idx.t())].to(out)
+            if isinstance(inp[0], SiteRows):
+                return out * inp[0].layout.pack_levels([v.to(out) for v in vols])
             lvl = next(j for j, m in enumerate(masks) if tuple(m.shape[1:]) == tuple(out.shape[2:]))
             return out * vols[lvl].to(out)
 
-        gate.activation.register_forward_hook(hook)
+        gate.register_forward_hook(hook)
+
+
+def _reference(tower: DynamicTower, xs: list[spconv.SparseConvTensor]):
+    """The per-level reference on the dense volumes, with the index sets as site masks; back to rows."""
+    sites = []
+    for x in xs:
+        m = torch.zeros(x.batch_size, 1, *x.spatial_shape, dtype=torch.bool, device=x.features.device)
+        idx = x.indices.long()
+        m[(idx[:, 0], 0, *idx[:, 1:].t())] = True
+        sites.append(m)
+    out, cost = reference_tower(tower, [x.dense() for x in xs], sites)
+    rows = [o[(x.indices[:, 0].long(), slice(None), *x.indices[:, 1:].long().t())] for o, x in zip(out, xs)]
+    return [x.replace_feature(r) for x, r in zip(xs, rows)], cost
 
 
 def _run(tower: DynamicTower, inputs: list[spconv.SparseConvTensor], mode: str, single: bool):
-    tower.set_execution(mode)
     tower.zero_grad()
     feats = [x.features.clone().requires_grad_() for x in inputs]
     xs = [x.replace_feature(f) for x, f in zip(inputs, feats)]
-    out = forward_sparse(tower, xs[0] if single else xs)
-    out = [out] if single else out
-    cost = collect_cost(tower)
+    if mode == "reference":
+        out, cost = _reference(tower, xs)
+    else:
+        tower.set_execution(mode)
+        out = forward_sparse(tower, xs[0] if single else xs)
+        out = [out] if single else out
+        cost = collect_cost(tower)
     loss = sum((o.features * torch.cos(o.features + k)).sum() for k, o in enumerate(out)) + cost.budget_loss(10.0)
     loss.backward()
     grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in tower.named_parameters()}
@@ -127,12 +141,19 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-4) -> No
 
 
 def _check(tower: DynamicTower, inputs, single: bool = False):
-    """Dense vs sparse on ``inputs`` (their device and dtype); float32 compares parameter gradients at 1e-3."""
+    """Dense vs sparse vs the per-level reference on volumes, on ``inputs`` (their device and dtype);
+    float32 compares parameter gradients at 1e-3."""
     dtype = inputs[0].features.dtype
     tower.to(inputs[0].features.device, dtype)
     param_tol = 1e-4 if dtype == torch.float64 else 1e-3
     ref = _run(tower, inputs, "dense", single)
+    _compare(ref, _run(tower, inputs, "reference", single), inputs, param_tol)
     got = _run(tower, inputs, "sparse", single)
+    _compare(ref, got, inputs, param_tol)
+    return got
+
+
+def _compare(ref, got, inputs, param_tol: float) -> None:
     for i, (a, b, x) in enumerate(zip(ref[0], got[0], inputs)):
         assert torch.equal(b.indices, x.indices) and list(b.spatial_shape) == list(x.spatial_shape)
         assert b.batch_size == x.batch_size and b.features.shape == x.features.shape
@@ -143,7 +164,6 @@ def _check(tower: DynamicTower, inputs, single: bool = False):
         _close(ref[2][name], got[2][name], f"gradient of {name}", param_tol)
     for field in ("soft", "realized", "full"):
         _close(getattr(ref[3], field), getattr(got[3], field), f"cost.{field}")
-    return got
 
 
 PATTERNS = ["none", "one", "sparse", "all", "mixed_batch"]

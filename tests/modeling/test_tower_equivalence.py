@@ -1,13 +1,14 @@
-"""The sparse execution mode computes the same function as the dense one, forward and backward."""
+"""The sparse execution mode computes the same function as the dense one, forward and backward, and both
+compute the router's equations (an independent per-level reference, :mod:`router_reference`)."""
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from router_reference import reference_tower
 
 from sparsehead import DynamicTower, SpatialGate, collect_cost
-from sparsehead.layers.sparse import channels_last, dilate
-from sparsehead.modeling.router import DepthPath, ScaleUnit
+from sparsehead.layers.sites import SiteRows
+from sparsehead.modeling.router import DepthPath, Router, ScaleUnit
 
 
 def _use_rulebook(tower: DynamicTower, rulebook: str) -> None:
@@ -50,17 +51,34 @@ def _one_pixel(shape: torch.Size) -> torch.Tensor:
 
 
 def _control_gates(tower: DynamicTower, make_mask) -> None:
-    """Multiply every gate by a fixed mask: exact control of where paths run, gradients still flow."""
+    """Multiply every gate by a fixed mask: exact control of where paths run, gradients still flow.
+
+    ``make_mask((N, G, *spatial), i)`` gives gate ``i``'s mask for one level; a gate run on packed rows gets
+    each level's mask read at the level's rows."""
+
+    def hook(mod, inp, out, i):
+        x = inp[0]
+        if isinstance(x, SiteRows):
+            lay = x.layout
+            mask = lay.pack_levels([make_mask(torch.Size((lay.batch, out.shape[1], *s)), i) for s in lay.shapes])
+        else:
+            mask = make_mask(out.shape, i)
+        return out * mask.to(out)
+
     for i, gate in enumerate(m for m in tower.modules() if isinstance(m, SpatialGate)):
-        gate.register_forward_hook(lambda mod, inp, out, i=i: out * make_mask(out.shape, i).to(out))
+        gate.register_forward_hook(lambda mod, inp, out, i=i: hook(mod, inp, out, i))
 
 
 def _run(tower: DynamicTower, feats: list[torch.Tensor], mode: str):
-    tower.set_execution(mode)
+    """Outputs, input and parameter gradients and cost of ``mode`` (``reference``: the per-level equations)."""
     tower.zero_grad()
     xs = [f.clone().requires_grad_() for f in feats]
-    out = tower(xs)
-    cost = collect_cost(tower)
+    if mode == "reference":
+        out, cost = reference_tower(tower, xs)
+    else:
+        tower.set_execution(mode)
+        out = tower(xs)
+        cost = collect_cost(tower)
     loss = sum((o * torch.cos(o + k)).sum() for k, o in enumerate(out)) + cost.budget_loss(10.0)
     loss.backward()
     grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in tower.named_parameters()}
@@ -86,7 +104,8 @@ def _check_equivalence(
     tower: DynamicTower, feats: list[torch.Tensor], modes=("dense", "sparse"), dtype=None, params=True,
     device: torch.device | str = "cpu",
 ):
-    """Compare outputs, input and parameter gradients and costs of ``modes`` against ``modes[0]``.
+    """Compare outputs, input and parameter gradients and costs of the reference and of ``modes`` against
+    ``modes[0]``.
 
     float64 by default, so that sums with cancellation (a gate bias gradient adds up thousands of
     terms) do not hide a real difference behind rounding; float32 runs (spconv on CUDA) compare
@@ -97,7 +116,7 @@ def _check_equivalence(
     feats = [f.to(device, dtype) for f in feats]
     param_tol = 1e-4 if dtype == torch.float64 else 1e-3
     ref = _run(tower, feats, modes[0])
-    for mode in modes[1:]:
+    for mode in ("reference",) + tuple(modes[1:]):
         got = _run(tower, feats, mode)
         for i, (a, b) in enumerate(zip(ref[0], got[0])):
             assert a.shape == b.shape == feats[i].shape
@@ -186,20 +205,19 @@ def test_auto_mode_equals_dense(make_pyramid, device):
 
 @pytest.mark.parametrize("threshold, runs", [(0.0, "dense"), (1.0, "sparse")])
 def test_auto_thresholds_zero_and_one_run_one_mode(make_pyramid, monkeypatch, threshold, runs):
-    """auto at threshold 0 runs every path dense (an empty path included), at 1 every path sparse."""
+    """auto at threshold 0 runs every path at all rows without reading a count from the device (an empty
+    path included), at 1 every path at its active rows."""
     tower = DynamicTower(16, 2, gn_groups=4, num_levels=3, execution="auto", auto_threshold=threshold)
     _randomise(tower, seed=7)
     _control_gates(tower, lambda shape, i: _pattern(shape, [0.0, 0.5, 1.0][i % 3], i))
-    called = []
-    for cls in (ScaleUnit, DepthPath):
-        for mode in ("dense", "sparse"):
-            original = getattr(cls, mode)
-            monkeypatch.setattr(
-                cls, mode, lambda *a, _f=original, _m=mode, **k: called.append(_m) or _f(*a, **k)
-            )
+    plans = []
+    original = Router._plan
+    monkeypatch.setattr(Router, "_plan", lambda self, *a: plans.extend(original(self, *a)) or plans[-len(a[0]):])
     with torch.no_grad():
         tower(make_pyramid(1, 16, (9, 8), 3, seed=8))
-    assert called and set(called) == {runs}
+    assert plans and {"dense" if full else "sparse" for full, _ in plans} == {runs}
+    if runs == "dense":
+        assert all(count == -1 for _, count in plans)  # nothing was read
 
 
 @pytest.mark.parametrize("options", [
@@ -272,20 +290,23 @@ def test_inference_without_autograd_matches_and_leaves_inputs_untouched(make_pyr
 
 
 @pytest.mark.parametrize("mode", ["dense", "sparse", "auto"])
-def test_router_overwrites_handed_over_maps_only_without_autograd(make_pyramid, mode, device):
+def test_router_overwrites_handed_over_rows_only_without_autograd(make_pyramid, mode, device):
     tower = DynamicTower(16, 1, gn_groups=4, num_levels=3, execution=mode)
     _randomise(tower, seed=16)
     _control_gates(tower, lambda shape, i: _pattern(shape, [0.2, 0.6, 1.0][i % 3], i))
     router = tower.routers[0].to(device)
-    feats = [channels_last(f.to(device)) for f in make_pyramid(1, 16, (12, 10), 3, seed=17)]
+    feats = [f.to(device) for f in make_pyramid(1, 16, (12, 10), 3, seed=17)]
     originals = [f.clone() for f in feats]
     reference = router(feats)
-    again = router(feats, overwrite_inputs=True)  # autograd on: nothing is overwritten
-    assert all(torch.equal(f, o) for f, o in zip(feats, originals))
+    assert all(torch.equal(f, o) for f, o in zip(feats, originals))  # maps are packed: never overwritten
+    rows = SiteRows.from_maps(feats)
+    before = rows.buf.clone()
+    again = router(rows, overwrite_inputs=True)  # autograd on: nothing is overwritten
+    assert torch.equal(rows.buf, before) and again.buf.data_ptr() != rows.buf.data_ptr()
     with torch.no_grad():
-        handed = router(feats, overwrite_inputs=True)
-    assert any(not torch.equal(f, o) for f, o in zip(feats, originals))  # the maps were reused
-    for x, y, z in zip(reference, again, handed):
+        handed = router(rows, overwrite_inputs=True)
+    assert handed.buf.data_ptr() == rows.buf.data_ptr()  # the rows were reused
+    for x, y, z in zip(reference, again.to_maps(), handed.to_maps()):
         _assert_close(y, x, f"{mode} output")
         _assert_close(z, x.detach(), f"{mode} output")
 
@@ -311,24 +332,17 @@ def test_autocast_runs_routers_in_float32(make_pyramid, mode, device):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in tower.routers[0].depth.parameters())
 
 
-@pytest.mark.parametrize("options", [
-    {}, {"gate_activation": "sigmoid"}, {"gate_activation": "softmax", "gate_groups": 2, "gate_init": 0.3},
-    {"gate_groups": 4},
-    {"coarse_gate": True}, {"gated": False},
-])
-def test_depth_masks_are_the_gate_and_its_dilation(options):
-    """conv1's pixels come from the max-pooled gate: they must be exactly the 3×3 dilation of conv2's."""
-    tower = DynamicTower(16, 1, gn_groups=4, num_levels=1, **options)
+def test_single_level_and_any_number_of_levels(make_pyramid, device):
+    """Without ``num_levels`` a tower takes any number of levels; one level has no scale paths."""
+    tower = DynamicTower(16, 2, gn_groups=4)
     _randomise(tower, seed=20)
-    depth = tower.routers[0].depth
-    if depth.gate is not None:
-        with torch.no_grad():
-            depth.gate.conv.bias.fill_(-0.3)  # part of the pixels off
-    s = torch.randn(2, 16, 15, 13, generator=torch.Generator().manual_seed(21))
-    with torch.no_grad():
-        g, pooled, inner, outer = depth.gate_and_masks(s)
-    assert torch.equal(inner, (g > 0).any(dim=1, keepdim=True))
-    assert torch.equal(outer, dilate(inner))
-    assert torch.equal(pooled, F.max_pool2d(g, 3, 1, 1))
-    if not options:  # one GeReTanH gate: part of the pixels on, their dilation more, not all
-        assert 0 < inner.float().mean() < outer.float().mean() < 1
+    _control_gates(tower, lambda shape, i: _pattern(shape, 0.4, i))
+    for levels in (1, 3):
+        _check_equivalence(tower, make_pyramid(2, 16, (11, 9), levels, seed=21), device=device)
+
+
+def test_batch_of_four_with_very_different_densities(make_pyramid, device):
+    tower = DynamicTower(16, 2, gn_groups=4, num_levels=3)
+    _randomise(tower, seed=22)
+    _control_gates(tower, lambda shape, i: _pattern(shape, [0.0, 0.02, 0.5, 1.0], i))
+    _check_equivalence(tower, make_pyramid(4, 16, (12, 13), 3, seed=23), device=device)
