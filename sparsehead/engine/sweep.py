@@ -527,8 +527,8 @@ def collect_rows(runs: Sequence[SweepRun], status: Optional[Mapping[str, str]] =
         row["overrides"] = " ".join(run.overrides)
         row.update({k: (float(metrics[k]) if metrics else None) for k in RESULT_KEYS})
         wall, loop = rec.get("wall_time_s"), _train_loop_s(run.out_dir) if metrics else None
-        row["run_time_s"] = None if wall is None else round(float(wall), 1)
-        row["train_loop_s"] = None if loop is None else round(loop, 1)
+        row["run_time_s"] = None if wall is None else round(float(wall), 3)
+        row["train_loop_s"] = None if loop is None else round(loop, 3)
         row["attempts"] = rec.get("attempts")
         row["run_dir"] = str(run.out_dir)
         rows.append(row)
@@ -588,26 +588,26 @@ def _line_label(p: Mapping[str, Any], along: str) -> str:
     return f"{p['head']}{depth}" + (f" ({', '.join(extra)})" if extra else "")
 
 
-def plot_sweep(points: Sequence[Mapping[str, Any]], title: str = "", dpi: int = 110) -> bytes:
-    """PNG bytes: mAP (left) and AP50 (right) against the realised head GMACs per image.
+def plot_sweep(points: Sequence[Mapping[str, Any]], title: str = "") -> Any:
+    """A matplotlib ``Figure`` (not managed by pyplot): mAP (left) and AP50 (right) against the realised
+    head GMACs per image, for ``points`` as :func:`aggregate` returns them.
 
     Dynamic points that differ only in ``model.head.budget_weight`` are joined by a line (one line per
     depth and other setting), each marker labelled with its λ; static heads are labelled points. Markers
     sit at the mean over seeds; horizontal bars span the per-image min–max GMACs, vertical bars the min–max
     over seeds (with more than one seed). Points without a finished run are left out.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib as mpl
+    from matplotlib.figure import Figure
 
     along = _H + "budget_weight"
     pts = [p for p in points if p["num_seeds"]]
     lines: Dict[str, List[Mapping[str, Any]]] = {}
     for p in pts:
         lines.setdefault(_line_label(p, along), []).append(p)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(12, 4.8))
+    axes = fig.subplots(1, 2)
+    colors = mpl.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, metric, name in ((axes[0], "bbox_mAP", "mAP@[.5:.95]"), (axes[1], "bbox_mAP_50", "AP50")):
         for i, (label, group) in enumerate(lines.items()):
             group = sorted(group, key=lambda p: p["head_gmacs_avg_mean"])
@@ -634,14 +634,11 @@ def plot_sweep(points: Sequence[Mapping[str, Any]], title: str = "", dpi: int = 
     seeds = max((p["num_seeds"] for p in pts), default=0)
     fig.suptitle(f"{title}  (mean over up to {seeds} seed(s); vertical bars: min–max over seeds)", fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
-    return buf.getvalue()
+    return fig
 
 
 def write_outputs(
-    out: os.PathLike | str, rows: Sequence[Mapping[str, Any]], plot: bool = True, title: str = ""
+    out: os.PathLike | str, rows: Sequence[Mapping[str, Any]], plot: bool = True, title: str = "", dpi: int = 110
 ) -> List[Path]:
     """Write ``sweep.csv`` (runs), ``sweep_points.csv`` (points), ``sweep.json`` ({"runs", "points"}) and,
     when ``plot`` and some run finished, ``sweep.png``, each atomically; returns the paths written."""
@@ -654,8 +651,8 @@ def write_outputs(
     atomic_write_json({"runs": list(rows), "points": points}, out / "sweep.json")
     paths.append(out / "sweep.json")
     if plot and any(p["num_seeds"] for p in points):
-        png = plot_sweep(points, title)
-        paths.append(atomic_write(out / "sweep.png", lambda f: f.write(png)))
+        fig = plot_sweep(points, title)
+        paths.append(atomic_write(out / "sweep.png", lambda f: fig.savefig(f, format="png", dpi=dpi)))
     return paths
 
 
