@@ -405,11 +405,15 @@ def _summary(metrics: Mapping[str, float]) -> str:
             f"{metrics['head_gmacs_avg']:.3f} ({metrics['head_gmacs_min']:.3f}-{metrics['head_gmacs_max']:.3f})")
 
 
+def _print(message: str) -> None:
+    print(message, flush=True)  # progress shows up at once when the output goes to a file
+
+
 def run_sweep(
     runs: Sequence[SweepRun],
     jobs: int = 1,
     command: Command = train_command,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = _print,
     poll_s: float = 0.2,
 ) -> Dict[str, str]:
     """Run every unfinished run, up to ``jobs`` at a time; returns {run name: done | failed}.
