@@ -252,7 +252,8 @@ class ConvPair(nn.Module):
                 t = import_spconv().SparseConvTensor(rows, idx, [h, w], n)
             else:
                 active = self.mask.reshape(-1).nonzero()[:, 0]
-                table = map_layout(n, [(h, w)], x.device).missing_as_negative().index_select(0, active)
+                nbr = map_layout(n, [(h, w)], x.device).neighbours.index_select(0, active)
+                table = nbr.masked_fill(nbr == n * h * w, -1)
         with record_function("sparsehead.depth_conv"):
             if x.is_cuda:
                 return self.conv.submanifold(t, "conv").features

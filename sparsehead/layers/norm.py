@@ -18,8 +18,7 @@ __all__ = ["MaskedGroupNorm", "group_norm_rows"]
 
 def group_norm_rows(
     rows: torch.Tensor,
-    segment: torch.Tensor,
-    num_segments: int,
+    segments: torch.Tensor,
     groups: int,
     weight: torch.Tensor,
     bias: torch.Tensor,
@@ -31,8 +30,8 @@ def group_norm_rows(
 
     Args:
         rows: (M, C).
-        segment: (M,) int64 in ``[0, num_segments)``, each row's segment.
-        num_segments: ``S``.
+        segments: (M, S) one-hot membership of each row in one of ``S`` segments (rows' dtype), e.g. rows of
+            :meth:`~sparsehead.layers.sites.SiteLayout.onehot`.
         groups: channel groups (must divide C).
         weight, bias: (C,), or (S, C) for a per-segment affine transform.
         eps: added to the variance.
@@ -41,33 +40,26 @@ def group_norm_rows(
 
     Returns:
         (M, C). Statistics are two-pass (mean, then the centred squares), so data far from zero mean keeps
-        its precision.
+        its precision; segment sums and the scatter back to rows are matrix products with ``segments``.
     """
     m, c = rows.shape
+    s = segments.shape[1]
     cg = c // groups
     inplace = overwrite and not torch.is_grad_enabled() and rows.is_contiguous()
-    xs = rows.reshape(m, groups, cg)
-    w = None if mask is None else mask.to(rows.dtype)[:, None]
-    count = torch.bincount(segment, weights=None if w is None else w[:, 0], minlength=num_segments)
-    count = (count.to(rows.dtype) * cg).clamp_min(1.0)[:, None]  # (S, 1)
-    sums = xs.sum(dim=2)
-    if w is not None:
-        sums = sums * w
-    mean = rows.new_zeros(num_segments, groups).index_add_(0, segment, sums) / count
-    shift = mean.index_select(0, segment)[:, :, None]
-    centred = xs.sub_(shift) if inplace else xs - shift
-    squares = centred.square().sum(dim=2)
-    if w is not None:
-        squares = squares * w
-    var = rows.new_zeros(num_segments, groups).index_add_(0, segment, squares) / count
-    scale = (var + eps).rsqrt()[:, :, None] * weight.view(-1, groups, cg)  # (S or 1, G, cg)
-    scale = scale.expand(num_segments, -1, -1).reshape(num_segments, c).index_select(0, segment)
-    centred = centred.reshape(m, c)
-    per_segment_bias = bias.dim() == 2
+    stats = segments if mask is None else segments * mask.to(rows.dtype)[:, None]
+    count = (stats.sum(dim=0) * cg).clamp_min(1.0)[:, None]  # (S, 1)
+    mean = (stats.t() @ rows).view(s, groups, cg).sum(dim=2) / count  # (S, G)
+    shift = segments @ mean.repeat_interleave(cg, dim=1)  # (M, C)
+    centred = rows.sub_(shift) if inplace else rows - shift
+    var = (stats.t() @ centred.square()).view(s, groups, cg).sum(dim=2) / count
+    scale = (var + eps).rsqrt().repeat_interleave(cg, dim=1) * weight  # (S, C)
+    if bias.dim() == 2:  # per-segment bias: scattered with the scale
+        scale, bias = (segments @ torch.cat([scale, bias], dim=1)).split(c, dim=1)
+    else:
+        scale = segments @ scale
     if inplace:
-        centred.mul_(scale)
-        return centred.add_(bias.index_select(0, segment) if per_segment_bias else bias)
-    return torch.addcmul(bias.index_select(0, segment) if per_segment_bias else bias, centred, scale)
+        return centred.mul_(scale).add_(bias)
+    return torch.addcmul(bias, centred, scale)
 
 
 class MaskedGroupNorm(nn.Module):
@@ -90,17 +82,10 @@ class MaskedGroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward_rows(
-        self,
-        rows: torch.Tensor,
-        segment: torch.Tensor,
-        num_segments: int,
-        mask: torch.Tensor | None = None,
-        overwrite: bool = False,
+        self, rows: torch.Tensor, segments: torch.Tensor, mask: torch.Tensor | None = None, overwrite: bool = False
     ) -> torch.Tensor:
-        """:func:`group_norm_rows` of rows (M, C) with this module's affine parameters."""
-        return group_norm_rows(
-            rows, segment, num_segments, self.num_groups, self.weight, self.bias, self.eps, mask, overwrite
-        )
+        """:func:`group_norm_rows` of rows (M, C) in segments (M, S) with this module's affine parameters."""
+        return group_norm_rows(rows, segments, self.num_groups, self.weight, self.bias, self.eps, mask, overwrite)
 
     def macs_per_pixel(self) -> int:
         """One multiply-add per element once the statistics are folded into scale and shift."""

@@ -7,6 +7,9 @@ definitions (``resample``), the same in every execution mode:
   border counts the missing pixels as zeros (the map is zero-padded at the end of each odd dimension,
   then 2^ndim average-pooled); ``upsample`` is nearest neighbour, ``out[i] = in[i // 2]``, cropped to the
   finer level's size.
+- ``bilinear``: the paper's reference: ``F.interpolate(x, size, mode="bilinear", align_corners=True)``
+  (trilinear in 3D) in both directions, output pixel ``o`` sampling the input at ``o · (n_in - 1) /
+  (n_out - 1)``; downsampling by 2 is then point sampling between neighbours, not a block mean.
 
 Both are linear maps that act on each dimension separately. On rows (the sparse engine) they are tables:
 for each source pixel, the destination pixels it contributes to, with weights (``fan_out``); a row's
@@ -21,9 +24,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["RESAMPLE_MODES", "downsample", "upsample", "half_size", "fan_out", "grid_tables", "index_tables"]
+__all__ = [
+    "RESAMPLE_MODES", "downsample", "upsample", "resample_map", "half_size", "fan_out", "grid_tables", "index_tables",
+]
 
-RESAMPLE_MODES = ("pool",)
+RESAMPLE_MODES = ("pool", "bilinear")
 
 
 def half_size(size: Sequence[int]) -> list[int]:
@@ -49,6 +54,16 @@ def upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return out[(slice(None), slice(None)) + tuple(slice(0, s) for s in size)]
 
 
+def resample_map(x: torch.Tensor, size: Sequence[int], mode: str, down: bool) -> torch.Tensor:
+    """``x`` (N, C, *spatial) resampled to the neighbouring level's ``size`` by ``mode`` (``down``: the
+    coarser level)."""
+    _check_mode(mode)
+    if mode == "bilinear":
+        return F.interpolate(x, size=tuple(size), mode="bilinear" if x.dim() == 4 else "trilinear",
+                             align_corners=True)
+    return downsample(x) if down else upsample(x, size)
+
+
 def _check_mode(mode: str) -> None:
     if mode not in RESAMPLE_MODES:
         raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {mode!r}")
@@ -58,10 +73,35 @@ def _fan_out_1d(n_in: int, n_out: int, mode: str, down: bool) -> tuple[torch.Ten
     """Along one dimension: for each input index, the output indices it contributes to and the weights,
     ``(targets (n_in, f), weights (n_in, f))``, padded with weight 0."""
     i = torch.arange(n_in)
+    if mode == "bilinear":
+        return _bilinear_fan_out(n_in, n_out)
     if down:  # the half of a 2-block mean
         return (i // 2)[:, None], torch.full((n_in, 1), 0.5, dtype=torch.float64)
     t = torch.stack([2 * i, 2 * i + 1], dim=1)  # nearest: both children, the one past the end cropped
     return t.clamp_max(n_out - 1), (t < n_out).double()
+
+
+def _bilinear_fan_out(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear interpolation with aligned corners, as torch's upsampling kernels compute it: output ``o``
+    reads ``i0 = min(floor(src), n_in - 1)`` and ``i0 + 1`` (when it exists) at ``src = o · scale``,
+    ``scale = (n_in - 1) / (n_out - 1)``, with weights ``1 - λ`` and ``λ = clamp(src - i0, 0, 1)``."""
+    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    matrix = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for o in range(n_out):
+        src = scale * o
+        i0 = min(math.floor(src), n_in - 1)
+        lam = min(max(src - i0, 0.0), 1.0)
+        i1 = i0 + (1 if i0 < n_in - 1 else 0)
+        matrix[o, i0] += 1.0 - lam
+        matrix[o, i1] += lam
+    width = max(1, int((matrix != 0).sum(dim=0).max()))
+    targets = torch.zeros(n_in, width, dtype=torch.int64)
+    weights = torch.zeros(n_in, width, dtype=torch.float64)
+    for i in range(n_in):
+        outs = (matrix[:, i] != 0).nonzero()[:, 0]
+        targets[i, : outs.numel()] = outs
+        weights[i, : outs.numel()] = matrix[outs, i]
+    return targets, weights
 
 
 def fan_out(

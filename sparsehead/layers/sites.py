@@ -147,14 +147,6 @@ class SiteLayout:
             self._cache[key] = base + cols
         return self._cache[key]
 
-    def missing_as_negative(self) -> torch.Tensor:
-        """:attr:`neighbours` with -1 instead of ``R`` (for tables into tensors without the zero row)."""
-        key = "neighbours_neg"
-        if key not in self._cache:
-            nbr = self.neighbours
-            self._cache[key] = nbr.masked_fill(nbr == self.rows, -1)
-        return self._cache[key]
-
     def gate_conv(self, taps: torch.Tensor, groups: int, bias: torch.Tensor | None) -> torch.Tensor:
         """A gate conv from per-tap products ``taps`` (R + 1, columns * K) (:func:`~sparsehead.layers.gates.
         rows_taps` of the rows; the zero row's are zero): the first ``groups`` column groups' taps read at
@@ -168,21 +160,27 @@ class SiteLayout:
         padded = torch.cat([values, values.new_zeros(1, values.shape[1])])
         return padded[self.neighbours].amax(dim=1)
 
+    def onehot(self, dtype: torch.dtype, sites_only: bool = False) -> torch.Tensor:
+        """(R, S) ``dtype``: each row's segment, one-hot (cached); ``sites_only``: zero rows off the sites.
+        Segment sums are ``onehot.t() @ values`` and per-segment values back on rows ``onehot @ table``."""
+        key = ("onehot", dtype, sites_only)
+        if key not in self._cache:
+            oh = F.one_hot(self.segment, self.num_segments).to(dtype)
+            if sites_only and self.valid is not None:
+                oh = oh * self.valid[:, None].to(dtype)
+            self._cache[key] = oh
+        return self._cache[key]
+
+    def per_image(self, values: torch.Tensor) -> torch.Tensor:
+        """Sums (N, X) over the sites of each image of per-row ``values`` (R, X)."""
+        sums = self.onehot(values.dtype, sites_only=True).t() @ values  # (S, X): level-major segments
+        return sums.view(self.num_levels, self.batch, -1).sum(dim=0)
+
     def segment_mean(self, values: torch.Tensor) -> torch.Tensor:
         """Each row replaced by the mean of ``values`` (R, G) over the sites of its segment: (R, G)."""
-        counts = self._segment_sites()
-        seg = self.segment
-        weights = values if self.valid is None else values * self.valid[:, None].to(values.dtype)
-        sums = values.new_zeros(self.num_segments, values.shape[1]).index_add_(0, seg, weights)
-        return (sums / counts.to(values.dtype)[:, None]).index_select(0, seg)
-
-    def _segment_sites(self) -> torch.Tensor:
-        key = "segment_sites"
-        if key not in self._cache:
-            w = None if self.valid is None else self.valid.float()
-            counts = torch.bincount(self.segment, weights=w, minlength=self.num_segments).float()
-            self._cache[key] = counts.clamp_min(1.0)
-        return self._cache[key]
+        oh = self.onehot(values.dtype, sites_only=True)
+        sums = oh.t() @ values
+        return self.onehot(values.dtype) @ (sums / oh.sum(dim=0).clamp_min(1.0)[:, None])
 
     def pack_levels(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
         """Rows (R, X) from per-level dense tensors (N, X, *shape_l), read at each level's rows."""

@@ -46,6 +46,7 @@ from torch.profiler import record_function
 
 from ..layers.gates import SpatialGate, expand_gate, rows_taps
 from ..layers.norm import MaskedGroupNorm, group_norm_rows
+from ..layers.resample import RESAMPLE_MODES
 from ..layers.sites import SiteLayout, SiteRows
 from ..layers.sparse import SparseConvWeight, depthwise_rows, gather_conv, import_spconv, to_rows
 from .cost import Cost
@@ -75,11 +76,13 @@ class ScaleUnit(nn.Module):
 
     gather_fraction = 0.03
 
-    def __init__(self, channels: int, ndim: int, gn_groups: int, gate: SpatialGate | None) -> None:
+    def __init__(
+        self, channels: int, ndim: int, gn_groups: int, gate: SpatialGate | None, bias: bool = False
+    ) -> None:
         super().__init__()
         conv_cls = nn.Conv2d if ndim == 2 else nn.Conv3d
         self.ndim = ndim
-        self.conv = conv_cls(channels, channels, 3, padding=1, groups=channels, bias=False)
+        self.conv = conv_cls(channels, channels, 3, padding=1, groups=channels, bias=bias)
         self.norm = MaskedGroupNorm(gn_groups, channels)
         self.gate = gate
         nn.init.normal_(self.conv.weight, std=0.01)
@@ -151,6 +154,9 @@ class Router(nn.Module):
         gn_groups: GroupNorm groups.
         execution: ``dense``, ``sparse`` or ``auto``.
         auto_threshold: in ``auto``, a path runs sparse when its active fraction is at most this.
+        resample: ``pool`` or ``bilinear`` (:mod:`sparsehead.layers.resample`), between the levels a scale
+            unit connects.
+        scale_bias: the scale units' depthwise convs have a bias (as in the paper's reference code).
         name: a unique prefix for this router's spconv rulebook key.
 
     ``forward(features, overwrite_inputs=False)`` takes a list of (N, C, *spatial_l) maps, finest first,
@@ -177,9 +183,13 @@ class Router(nn.Module):
         gn_groups: int = 32,
         execution: str = "sparse",
         auto_threshold: float = 0.5,
+        resample: str = "pool",
+        scale_bias: bool = False,
         name: str = "router",
     ) -> None:
         super().__init__()
+        if resample not in RESAMPLE_MODES:
+            raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {resample!r}")
         if channels % gn_groups:
             raise ValueError(f"gn_groups ({gn_groups}) must divide channels ({channels})")
 
@@ -193,8 +203,9 @@ class Router(nn.Module):
         self.gated = gated
         self.execution = check_execution(execution)
         self.auto_threshold = auto_threshold
-        self.down = ScaleUnit(channels, ndim, gn_groups, make_gate())
-        self.up = ScaleUnit(channels, ndim, gn_groups, make_gate())
+        self.resample = resample
+        self.down = ScaleUnit(channels, ndim, gn_groups, make_gate(), scale_bias)
+        self.up = ScaleUnit(channels, ndim, gn_groups, make_gate(), scale_bias)
         self.depth = DepthPath(channels, ndim, gn_groups, make_gate(), indice_key=f"{name}.depth")
         self.scale_weight = nn.Parameter(torch.zeros(()))
         self.output_weight = nn.Parameter(torch.ones(()))
@@ -217,7 +228,9 @@ class Router(nn.Module):
 
     def forward(self, features: Sequence[torch.Tensor] | SiteRows, overwrite_inputs: bool = False):
         packed = isinstance(features, SiteRows)
-        x = features if packed else SiteRows.from_maps(features)
+        x = features if packed else SiteRows.from_maps(features, self.resample)
+        if x.layout.resample != self.resample:
+            raise ValueError(f"rows laid out for {x.layout.resample!r} resampling, the router uses {self.resample!r}")
         device = x.buf.device
         owned = (overwrite_inputs or not packed) and not torch.is_grad_enabled()
         if autocast_enabled(device.type):
@@ -239,7 +252,7 @@ class Router(nn.Module):
         with record_function("sparsehead.gate"):
             gates, depth_taps = self._scale_gates(x, units)
         masks = [(g > 0).any(dim=1) for g in gates]
-        plans = self._plan(masks, [lay.site_count(a, b) for _, a, b, _ in units])
+        plans = self._plan(masks, lay, [(a, b) for _, a, b, _ in units])
         with record_function("sparsehead.scale"):
             contributions = self._scale_units(x, units, gates, masks, plans)
         with record_function("sparsehead.scatter"):
@@ -296,18 +309,25 @@ class Router(nn.Module):
         g = gate(s, conv_out=lay.gate_conv(taps, gate.num_groups, gate.conv.bias))
         return g if lay.valid is None else g * lay.level_mask(0, lay.num_levels, g.dtype)
 
-    def _plan(self, masks: Sequence[torch.Tensor], totals: Sequence[int]) -> list[tuple[bool, int]]:
-        """Per path: (run at all rows, active rows). Reads the active counts from the device at most once,
-        and not at all in the dense mode (counts then -1)."""
+    def _plan(self, masks: Sequence[torch.Tensor], lay: SiteLayout, ranges: Sequence[tuple[int, int]]
+              ) -> list[tuple[bool, list[int] | None]]:
+        """Per path, given its active rows ``masks[i]`` (R,) among the sites of levels ``ranges[i]``: whether
+        it runs at all rows, and its active rows per level of its range. The counts are read from the device
+        in one transfer for all paths, and not at all when every path runs at all rows (counts None)."""
         mode = self.execution
         if not masks:
             return []
         if mode == "dense" or (mode == "auto" and self.auto_threshold <= 0):
-            return [(True, -1)] * len(masks)
-        counts = torch.stack([m.sum() for m in masks]).tolist()  # the one host read
-        if mode == "sparse" or self.auto_threshold >= 1:
-            return [(False, c) for c in counts]
-        return [(c > self.auto_threshold * t, c) for c, t in zip(counts, totals)]
+            return [(True, None)] * len(masks)
+        flags = torch.stack(masks, dim=1).to(torch.float64)  # exact counts through a matrix product
+        per_level = (lay.onehot(torch.float64).t() @ flags).view(lay.num_levels, lay.batch, -1).sum(dim=1)
+        counts = per_level.t().tolist()  # the one host read
+        plans = []
+        for (a, b), level_counts in zip(ranges, counts):
+            active = [int(c) for c in level_counts[a:b]]
+            full = mode == "auto" and sum(active) > self.auto_threshold * lay.site_count(a, b)
+            plans.append((full, active))
+        return plans
 
     # ------------------------------------------------------------------------------------- scale paths
 
@@ -317,14 +337,16 @@ class Router(nn.Module):
         lay = x.layout
         c = x.channels
         segments = lay.num_segments
+        onehot = lay.onehot(x.buf.dtype)
         ran, outputs, segs, stat_masks, gate_rows = [], [], [], [], []
-        for (unit, a, b, table), gate, mask, (full, count) in zip(units, gates, masks, plans):
-            if not full and count == 0:
+        for (unit, a, b, table), gate, mask, (full, counts) in zip(units, gates, masks, plans):
+            count = None if full else sum(counts)
+            if count == 0:
                 continue
             rows = lay.arange(a, b) if full else torch.nonzero_static(mask, size=count)[:, 0]
             dense = lay.grid and (full or count > unit.gather_fraction * (lay.offsets[b] - lay.offsets[a]))
-            outputs.append(self._depthwise(unit, x, rows, a, b, dense, full))
-            segs.append(lay.segment.index_select(0, rows) + len(ran) * segments)
+            outputs.append(self._depthwise(unit, x, rows, a, b, dense, None if full else counts))
+            segs.append(onehot.index_select(0, rows))
             stat_masks.append(mask.index_select(0, rows) if full else None)
             gate_rows.append(gate.index_select(0, rows))
             ran.append((unit, rows, table))
@@ -337,8 +359,10 @@ class Router(nn.Module):
         if any(m is not None for m in stat_masks):
             stats = torch.cat([m if m is not None else r.new_ones(r.shape[0], dtype=torch.bool)
                                for m, (_, r, _) in zip(stat_masks, ran)])
-        y = group_norm_rows(torch.cat(outputs), torch.cat(segs), len(used) * segments, used[0].num_groups, weight,
-                            bias, used[0].eps, stats, overwrite=True)
+        # One GroupNorm for both units: the second unit's segments come after the first's.
+        segs = torch.block_diag(*segs) if len(segs) > 1 else segs[0]
+        y = group_norm_rows(torch.cat(outputs), segs, used[0].num_groups, weight, bias, used[0].eps, stats,
+                            overwrite=True)
         gate = expand_gate(torch.cat(gate_rows) * self.scale_weight, c)
         y = y * gate if torch.is_grad_enabled() else y.mul_(gate)
         out = []
@@ -358,16 +382,26 @@ class Router(nn.Module):
         return out
 
     def _depthwise(self, unit: ScaleUnit, x: SiteRows, rows: torch.Tensor, first: int, last: int, dense: bool,
-                   full: bool) -> torch.Tensor:
-        """The unit's depthwise conv (M, C) at ``rows`` (of levels ``first`` .. ``last - 1``): the grouped
-        conv of each level map (``dense``, maps only) or gathered neighbours."""
-        lay, w = x.layout, unit.conv.weight
+                   counts: list[int] | None) -> torch.Tensor:
+        """The unit's depthwise conv (M, C) at ``rows`` of levels ``first`` .. ``last - 1`` (``counts`` per
+        level; None: all rows): gathered neighbours, or (``dense``, maps only) the grouped conv of each level
+        map that has active rows, read at them."""
+        lay, w, b = x.layout, unit.conv.weight, unit.conv.bias
         if not dense:
-            return depthwise_rows(x.buf, w, lay.neighbours.index_select(0, rows))
+            y = depthwise_rows(x.buf, w, lay.neighbours.index_select(0, rows))
+            return y if b is None else y + b
         conv = _conv_nd(lay.ndim)
-        y = torch.cat([to_rows(conv(lay.level(x.buf, lvl), w, padding=1, groups=w.shape[0]))
-                       for lvl in range(first, last)])
-        return y if full else y.index_select(0, rows - lay.offsets[first])
+        parts, start = [], 0
+        for lvl in range(first, last):
+            count = None if counts is None else counts[lvl - first]
+            if count == 0:
+                continue
+            y = to_rows(conv(lay.level(x.buf, lvl), w, b, padding=1, groups=w.shape[0]))
+            if count is not None:  # the level's active rows, numbered within the level
+                y = y.index_select(0, rows[start:start + count] - lay.offsets[lvl])
+                start += count
+            parts.append(y)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     # -------------------------------------------------------------------------------------- depth path
 
@@ -378,17 +412,18 @@ class Router(nn.Module):
         sets = [inner, outer]
         if rulebook == "submanifold" and self.execution != "dense":
             sets.append(lay.neighbour_max(outer[:, None].to(buf.dtype))[:, 0] > 0)  # what conv1 reads
-        plans = self._plan(sets, [lay.site_count(0, lay.num_levels)] * len(sets))
+        plans = self._plan(sets, lay, [(0, lay.num_levels)] * len(sets))
         full = plans[1][0]
+        counts = None if full else [sum(c) for _, c in plans]
         with record_function("sparsehead.depth_conv"):
             if full:
                 rows, h = lay.arange(0, lay.num_levels), self._depth_full(s, inner, outer)
-            elif plans[1][1] == 0:
+            elif counts[1] == 0:
                 rows, h = None, None
             elif rulebook == "exact":
-                rows, h = self._depth_exact(s, inner, outer, plans[0][1], plans[1][1])
+                rows, h = self._depth_exact(s, inner, outer, counts[0], counts[1])
             else:
-                rows, h = self._depth_submanifold(s, inner, outer, plans[0][1], plans[2][1])
+                rows, h = self._depth_submanifold(s, inner, outer, counts[0], counts[2])
         with record_function("sparsehead.scatter"):
             if h is None:
                 out = buf.clamp_min_(0) if owned else buf.clamp_min(0)
@@ -400,32 +435,33 @@ class Router(nn.Module):
     def _depth_exact(self, s: SiteRows, inner, outer, n_inner: int, n_outer: int):
         """conv1 exactly at the outer rows (reading the node sum in place), conv2 exactly at the inner rows."""
         lay, depth = s.layout, self.depth
-        segments = lay.num_segments
+        onehot = lay.onehot(s.buf.dtype)
         o = torch.nonzero_static(outer, size=n_outer)[:, 0]
         d = torch.nonzero_static(inner, size=n_inner)[:, 0]
         h = gather_conv(s.buf, depth.conv1.weight, lay.neighbours.index_select(0, o))
-        h = F.relu(depth.norm1.forward_rows(h, lay.segment.index_select(0, o), segments, overwrite=True),
+        h = F.relu(depth.norm1.forward_rows(h, onehot.index_select(0, o), overwrite=True),
                    inplace=not torch.is_grad_enabled())
-        position = torch.full((lay.rows + 1,), -1, dtype=torch.int64, device=o.device)
+        h = torch.cat([h, h.new_zeros(1, h.shape[1])])  # the row a missing neighbour reads
+        position = torch.full((lay.rows + 1,), n_outer, dtype=torch.int64, device=o.device)
         position.index_copy_(0, o, torch.arange(n_outer, device=o.device))
-        h = gather_conv(h, depth.conv2.weight, position[lay.neighbours.index_select(0, d)], missing=True)
-        return d, depth.norm2.forward_rows(h, lay.segment.index_select(0, d), segments, overwrite=True)
+        h = gather_conv(h, depth.conv2.weight, position[lay.neighbours.index_select(0, d)])
+        return d, depth.norm2.forward_rows(h, onehot.index_select(0, d), overwrite=True)
 
     def _depth_submanifold(self, s: SiteRows, inner, outer, n_inner: int, n_read: int):
         """Both convs as spconv submanifold convs on the rows conv1 reads, all levels in one tensor."""
         lay, depth = s.layout, self.depth
         spconv = import_spconv()
-        segments = lay.num_segments
         read = lay.neighbour_max(outer[:, None].to(s.buf.dtype))[:, 0] > 0
         q = torch.nonzero_static(read, size=n_read)[:, 0]
-        seg = lay.segment.index_select(0, q)
-        indices = torch.cat([seg[:, None].int(), lay.coords.index_select(0, q)], dim=1).contiguous()
-        x = spconv.SparseConvTensor(s.buf.index_select(0, q), indices, list(lay.shapes[0]), segments)
+        seg = lay.onehot(s.buf.dtype).index_select(0, q)
+        indices = torch.cat([lay.segment.index_select(0, q)[:, None].int(), lay.coords.index_select(0, q)], dim=1)
+        x = spconv.SparseConvTensor(s.buf.index_select(0, q), indices.contiguous(), list(lay.shapes[0]),
+                                    lay.num_segments)
         in_outer, in_inner = outer.index_select(0, q), inner.index_select(0, q)
         h = depth.conv1.submanifold(x, depth.indice_key)
-        h1 = F.relu(depth.norm1.forward_rows(h.features, seg, segments, in_outer)) * in_outer[:, None]
+        h1 = F.relu(depth.norm1.forward_rows(h.features, seg, in_outer)) * in_outer[:, None]
         h = depth.conv2.submanifold(h.replace_feature(h1), depth.indice_key)  # same key: the rulebook is reused
-        h2 = depth.norm2.forward_rows(h.features, seg, segments, in_inner)
+        h2 = depth.norm2.forward_rows(h.features, seg, in_inner)
         keep = torch.nonzero_static(in_inner, size=n_inner)[:, 0]
         return q.index_select(0, keep), h2.index_select(0, keep)
 
@@ -433,11 +469,11 @@ class Router(nn.Module):
         """The depth path at every row (R, C): dense convs of each level (maps) or gathers (voxels),
         statistics over the active rows, zeros off them."""
         lay, depth = s.layout, self.depth
-        segments = lay.num_segments
+        onehot = lay.onehot(s.buf.dtype)
         h = self._conv_all(s.buf, depth.conv1, lay)
-        h = F.relu(depth.norm1.forward_rows(h, lay.segment, segments, outer)) * outer[:, None].to(h.dtype)
+        h = F.relu(depth.norm1.forward_rows(h, onehot, outer)) * outer[:, None].to(h.dtype)
         h = self._conv_all(h, depth.conv2, lay)
-        return depth.norm2.forward_rows(h, lay.segment, segments, inner)
+        return depth.norm2.forward_rows(h, onehot, inner)
 
     @staticmethod
     def _conv_all(rows: torch.Tensor, conv: SparseConvWeight, lay: SiteLayout) -> torch.Tensor:
@@ -447,9 +483,9 @@ class Router(nn.Module):
             f = _conv_nd(lay.ndim)
             weight = conv.dense_weight()
             return torch.cat([to_rows(f(lay.level(rows, lvl), weight, padding=1)) for lvl in range(lay.num_levels)])
-        if rows.shape[0] == lay.rows + 1:
-            return gather_conv(rows, conv.weight, lay.neighbours)
-        return gather_conv(rows, conv.weight, lay.missing_as_negative(), missing=True)
+        if rows.shape[0] == lay.rows:
+            rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])  # the row a missing neighbour reads
+        return gather_conv(rows, conv.weight, lay.neighbours)
 
     # -------------------------------------------------------------------------------------------- cost
 
@@ -460,7 +496,7 @@ class Router(nn.Module):
         realised = masks + [outer, inner]
         macs = [u.macs_per_pixel() for u, _, _, _ in units] + [conv1, conv2]
         terms = torch.stack(soft + [m.to(soft[0].dtype) for m in realised], dim=1).float()
-        per_image = torch.zeros(lay.batch, terms.shape[1], device=terms.device).index_add_(0, lay.image, terms)
+        per_image = lay.per_image(terms)
         weights = torch.tensor(macs, dtype=torch.float32, device=terms.device)
         levels = [(a, b) for _, a, b, _ in units] + [(0, lay.num_levels)] * 2
         full = sum(m * lay.sites_per_image(a, b) for m, (a, b) in zip(macs, levels))

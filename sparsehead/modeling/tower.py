@@ -53,6 +53,10 @@ class DynamicTower(ExecutionMixin, nn.Module):
         gn_groups: GroupNorm groups (default: 32, or the largest divisor of ``C`` below it).
         execution: ``dense``, ``sparse`` or ``auto``.
         auto_threshold: active fraction up to which ``auto`` runs a path sparse.
+        resample: ``pool`` (2^ndim block mean down, nearest up) or ``bilinear`` (the paper's reference:
+            bilinear/trilinear interpolation with aligned corners both ways); see
+            :mod:`sparsehead.layers.resample`.
+        scale_bias: the scale units' depthwise convs have a bias (as in the paper's reference code).
 
     ``tower(features)`` takes a list of tensors (N, C, *spatial), finest first, each level half the size
     of the previous one (rounded up), and returns a list of the same shapes (channels-last views of one
@@ -74,6 +78,8 @@ class DynamicTower(ExecutionMixin, nn.Module):
         gn_groups: int | None = None,
         execution: str = "sparse",
         auto_threshold: float = 0.5,
+        resample: str = "pool",
+        scale_bias: bool = False,
     ) -> None:
         super().__init__()
         if ndim not in (2, 3):
@@ -86,12 +92,13 @@ class DynamicTower(ExecutionMixin, nn.Module):
         self.channels = channels
         self.ndim = ndim
         self.num_levels = num_levels
+        self.resample = resample
         gn_groups = gn_groups or math.gcd(32, channels)
         self.routers = nn.ModuleList(
             Router(
                 channels, ndim, gated=gated, tau=tau, gate_activation=gate_activation, gate_init=gate_init,
                 gate_groups=gate_groups, coarse_gate=coarse_gate, gn_groups=gn_groups, execution=execution,
-                auto_threshold=auto_threshold, name=f"router{i}",
+                auto_threshold=auto_threshold, resample=resample, scale_bias=scale_bias, name=f"router{i}",
             )
             for i in range(num_routers)
         )
@@ -152,7 +159,7 @@ class DynamicTower(ExecutionMixin, nn.Module):
         if is_sparse_tensor(features):
             return forward_sparse(self, features)
         self.check_features(features)
-        return self.run(SiteRows.from_maps(list(features))).to_maps()
+        return self.run(SiteRows.from_maps(list(features), self.resample)).to_maps()
 
     def run(self, x: SiteRows) -> SiteRows:
         """Every router on packed rows ``x``, which the tower owns (they may be overwritten without autograd)."""

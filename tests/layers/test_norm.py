@@ -1,7 +1,12 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sparsehead.layers.norm import MaskedGroupNorm, group_norm_rows
+
+
+def _onehot(segment: torch.Tensor, count: int, dtype=torch.float64) -> torch.Tensor:
+    return F.one_hot(segment, count).to(dtype)
 
 
 def _reference(rows: torch.Tensor, segment: torch.Tensor, mask, norm: MaskedGroupNorm) -> torch.Tensor:
@@ -35,7 +40,7 @@ def test_one_segment_without_mask_equals_torch_group_norm():
     norm = _norm(4, 8)
     ref = torch.nn.functional.group_norm(x, 4, norm.weight, norm.bias, eps=norm.eps)
     rows = x.movedim(1, -1).reshape(-1, 8)
-    out = norm.forward_rows(rows, torch.zeros(30, dtype=torch.int64), 1)
+    out = norm.forward_rows(rows, torch.ones(30, 1, dtype=torch.float64))
     assert torch.allclose(out, ref.movedim(1, -1).reshape(-1, 8))
 
 
@@ -47,12 +52,12 @@ def test_statistics_per_segment_over_masked_rows(segments, density):
     segment = torch.randint(0, segments, (60,))
     mask = torch.rand(60) < density
     norm = _norm(4, 8)
-    out = norm.forward_rows(rows, segment, segments, mask)
+    out = norm.forward_rows(rows, _onehot(segment, segments), mask)
     assert torch.allclose(out, _reference(rows, segment, mask, norm))
     # Rows outside the mask do not change the masked rows' statistics.
     changed = rows.clone()
     changed[~mask] = 100.0
-    again = norm.forward_rows(changed, segment, segments, mask)
+    again = norm.forward_rows(changed, _onehot(segment, segments), mask)
     assert torch.allclose(again[mask], out[mask])
 
 
@@ -62,7 +67,7 @@ def test_empty_segments_and_per_segment_affine():
     rows = torch.randn(12, 4, dtype=torch.float64)
     segment = torch.tensor([0] * 6 + [3] * 6)
     weight, bias = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
-    out = group_norm_rows(rows, segment, 5, 2, weight, bias)
+    out = group_norm_rows(rows, _onehot(segment, 5), 2, weight, bias)
     for s in (0, 3):
         norm = MaskedGroupNorm(2, 4).double()
         with torch.no_grad():
@@ -77,12 +82,13 @@ def test_overwrite_only_without_autograd():
     norm = _norm(4, 8).float()
     rows = 3.0 + 0.5 * torch.randn(40, 8)
     segment = torch.randint(0, 3, (40,))
-    expected = norm.forward_rows(rows, segment, 3)
+    onehot = _onehot(segment, 3, torch.float32)
+    expected = norm.forward_rows(rows, onehot)
     kept = rows.clone()
-    assert torch.allclose(norm.forward_rows(rows, segment, 3, overwrite=True), expected)
+    assert torch.allclose(norm.forward_rows(rows, onehot, overwrite=True), expected)
     assert torch.equal(rows, kept)  # autograd on: the input is left alone
     with torch.no_grad():
-        out = norm.forward_rows(rows, segment, 3, overwrite=True)
+        out = norm.forward_rows(rows, onehot, overwrite=True)
     assert out.data_ptr() == rows.data_ptr()
     assert torch.allclose(out, expected.detach(), atol=1e-5)
 
@@ -95,7 +101,7 @@ def test_far_from_zero_mean_keeps_precision(subset):
     rows = (1000.0 + 0.1 * torch.randn(50, 8)).requires_grad_()
     segment = torch.zeros(50, dtype=torch.int64)
     mask = torch.rand(50) < 0.5 if subset else None
-    out = norm.forward_rows(rows, segment, 1, mask)
+    out = norm.forward_rows(rows, _onehot(segment, 1, torch.float32), mask)
     ref_rows = rows.detach().double().requires_grad_()
     ref = _reference(ref_rows, segment, mask, norm)
     assert torch.allclose(out.double(), ref, atol=2e-3)
@@ -110,7 +116,7 @@ def test_group_of_one_value_is_its_bias():
     norm = MaskedGroupNorm(4, 4)
     torch.nn.init.normal_(norm.bias)
     rows = torch.randn(1, 4, requires_grad=True)
-    out = norm.forward_rows(rows, torch.zeros(1, dtype=torch.int64), 1)
+    out = norm.forward_rows(rows, torch.ones(1, 1))
     assert torch.allclose(out, norm.bias.detach()[None])
     (grad,) = torch.autograd.grad(out.sum(), rows)
     assert torch.allclose(grad, torch.zeros(1, 4))

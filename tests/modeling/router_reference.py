@@ -2,8 +2,8 @@
 with torch's dense ops (conv2d/conv3d, pooling, interpolation), on maps or on volumes with site masks.
 
 It reads a :class:`~sparsehead.Router`'s weights and calls its gate modules on maps (so gate hooks apply),
-and shares no code with the library's engine beyond the gate modules and ``downsample``/``upsample``
-(tested against torch's pooling and interpolation on their own).
+and shares no code with the library's engine beyond the gate modules and ``resample_map`` (torch's
+pooling and interpolation).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsehead import DynamicTower
-from sparsehead.layers.resample import downsample, upsample
+from sparsehead.layers.resample import resample_map
 from sparsehead.modeling.cost import Cost
 
 
@@ -84,9 +84,9 @@ def reference_router(router, feats: Sequence[torch.Tensor], sites: Optional[Sequ
             add(g, active, m, unit.macs_per_pixel())
             if unit.gate is not None:
                 add(torch.ones_like(g[:, :1]), m, m, gate_macs)
-            u = _masked_group_norm(_conv(x, unit.conv.weight, groups=x.shape[1]), active, unit.norm)
-            u = u * _expand(g, x.shape[1])
-            u = downsample(u) if dst > src else upsample(u, feats[dst].shape[2:])
+            u = _conv(x, unit.conv.weight, bias=unit.conv.bias, groups=x.shape[1])
+            u = _masked_group_norm(u, active, unit.norm) * _expand(g, x.shape[1])
+            u = resample_map(u, feats[dst].shape[2:], router.resample, down=dst > src)
             sums[dst] = sums[dst] + router.scale_weight * u * sites[dst]
     outputs = []
     depth = router.depth

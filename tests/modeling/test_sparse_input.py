@@ -194,6 +194,7 @@ def test_pyramid_dense_equals_sparse(pattern, device):
 
 @pytest.mark.parametrize("options", [
     {},
+    {"resample": "bilinear", "scale_bias": True},
     {"gate_groups": 2},
     {"coarse_gate": True},
     {"gate_activation": "sigmoid"},

@@ -217,7 +217,7 @@ def test_auto_thresholds_zero_and_one_run_one_mode(make_pyramid, monkeypatch, th
         tower(make_pyramid(1, 16, (9, 8), 3, seed=8))
     assert plans and {"dense" if full else "sparse" for full, _ in plans} == {runs}
     if runs == "dense":
-        assert all(count == -1 for _, count in plans)  # nothing was read
+        assert all(counts is None for _, counts in plans)  # nothing was read
 
 
 @pytest.mark.parametrize("options", [
@@ -346,3 +346,15 @@ def test_batch_of_four_with_very_different_densities(make_pyramid, device):
     _randomise(tower, seed=22)
     _control_gates(tower, lambda shape, i: _pattern(shape, [0.0, 0.02, 0.5, 1.0], i))
     _check_equivalence(tower, make_pyramid(4, 16, (12, 13), 3, seed=23), device=device)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("resample, scale_bias", [("bilinear", True), ("bilinear", False), ("pool", True)])
+def test_resampling_and_scale_bias_options(make_pyramid, ndim, resample, scale_bias, device):
+    """The reference's choices (bilinear/trilinear resampling with aligned corners, a bias in the scale units'
+    depthwise convs) hold the dense == sparse == reference equivalence, odd sizes and mixed densities."""
+    tower = DynamicTower(16, 2, ndim=ndim, gn_groups=4, resample=resample, scale_bias=scale_bias)
+    _randomise(tower, seed=24)
+    _control_gates(tower, lambda shape, i: _pattern(shape, [0.9, 0.05], i))
+    size = (13, 19) if ndim == 2 else (7, 6, 5)
+    _check_equivalence(tower, make_pyramid(2, 16, size, 3, seed=25), modes=("dense", "sparse", "auto"), device=device)
