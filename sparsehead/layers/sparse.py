@@ -168,13 +168,9 @@ class _GatherConv(torch.autograd.Function):
         c_out, m = weight.shape[0], table.shape[0]
         w = weight.reshape(c_out, 3, -1)  # (C_out, 3, K / 3 * C_in): taps of one kernel row each
         slabs = _slabs(table)
-        out = features.new_empty(m, c_out)
-        for i in range(3):
-            cols = _slab_columns(features, slabs[i], m, missing)
-            if i == 0:
-                torch.mm(cols, w[:, 0].t(), out=out)
-            else:
-                out.addmm_(cols, w[:, i].t())
+        out = torch.mm(_slab_columns(features, slabs[0], m, missing), w[:, 0].t())
+        for i in (1, 2):
+            out.addmm_(_slab_columns(features, slabs[i], m, missing), w[:, i].t())
         ctx.save_for_backward(features, weight, slabs)
         ctx.missing = missing
         return out
@@ -187,10 +183,10 @@ class _GatherConv(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         need_x, need_w = ctx.needs_input_grad[:2]
         grad_x = torch.zeros_like(features) if need_x else None
-        grad_w = weight.new_empty(c_out, 3, w.shape[2]) if need_w else None
+        grad_w = []
         for i in range(3):
             if need_w:
-                torch.mm(grad_out.t(), _slab_columns(features, slabs[i], m, ctx.missing), out=grad_w[:, i])
+                grad_w.append(grad_out.t() @ _slab_columns(features, slabs[i], m, ctx.missing))
             if need_x:
                 cols = (grad_out @ w[:, i]).view(-1, c_in)
                 index = slabs[i]
@@ -198,6 +194,7 @@ class _GatherConv(torch.autograd.Function):
                     cols.masked_fill_((index < 0)[:, None], 0)
                     index = index.clamp_min(0)
                 grad_x.index_add_(0, index, cols)
+        grad_w = torch.stack(grad_w, dim=1) if need_w else None
         return grad_x, None if grad_w is None else grad_w.view_as(weight), None, None
 
 

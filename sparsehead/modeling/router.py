@@ -229,22 +229,18 @@ class Router(nn.Module):
     def forward(self, features: Sequence[torch.Tensor] | SiteRows, overwrite_inputs: bool = False):
         packed = isinstance(features, SiteRows)
         x = features if packed else SiteRows.from_maps(features, self.resample)
-        if x.layout.resample != self.resample:
-            raise ValueError(f"rows laid out for {x.layout.resample!r} resampling, the router uses {self.resample!r}")
-        device = x.buf.device
+        lay = x.layout
+        if lay.resample != self.resample:
+            raise ValueError(f"rows laid out for {lay.resample!r} resampling, the router uses {self.resample!r}")
         owned = (overwrite_inputs or not packed) and not torch.is_grad_enabled()
-        if autocast_enabled(device.type):
+        if autocast_enabled(x.buf.device.type):
             # Mixed precision: the router runs in float32 with autocast off, so that all three modes compute
             # one function (masked statistics and row scatters need one dtype; spconv has no bfloat16).
-            with torch.autocast(device.type, enabled=False):
-                rows = x.buf.float()
-                owned = owned or (rows is not x.buf and not torch.is_grad_enabled())
-                out = self._forward_rows(SiteRows(rows, x.layout), owned)
-        else:
-            out = self._forward_rows(x, owned)
-        return out if packed else out.to_maps()
-
-    def _forward_rows(self, x: SiteRows, owned: bool) -> SiteRows:
+            rows = x.buf.float()
+            owned = owned or (rows is not x.buf and not torch.is_grad_enabled())
+            with torch.autocast(x.buf.device.type, enabled=False):
+                out = self.forward(SiteRows(rows, lay), overwrite_inputs=owned)
+            return out if packed else out.to_maps()
         lay = x.layout
         levels = lay.num_levels
         # The units that exist: (unit, first and last source level + 1, its resampling table).
@@ -266,7 +262,12 @@ class Router(nn.Module):
             inner = (g > 0).any(dim=1)
             pooled = lay.neighbour_max(g)
             outer = (pooled > 0).any(dim=1)
-        out = self._depth(SiteRows(s, lay), g, inner, outer, owned)
+            sets = [inner, outer]
+            rulebook = self.depth.rulebook or default_rulebook(s.device, s.dtype)
+            if rulebook == "submanifold" and self.execution != "dense":
+                sets.append(lay.neighbour_max(outer[:, None].to(s.dtype))[:, 0] > 0)  # what conv1 reads
+        plans = self._plan(sets, lay, [(0, levels)] * len(sets))
+        out = self._depth(SiteRows(s, lay), g, inner, outer, owned, rulebook, plans)
         self.last_cost = self._cost(lay, units, gates, masks, g, pooled, inner, outer)
         if self.keep_gates:
             kept = {"down": {}, "up": {}, "depth": {}}
@@ -277,7 +278,7 @@ class Router(nn.Module):
             self.last_gates = kept
         else:
             self.last_gates = {}
-        return out
+        return out if packed else out.to_maps()
 
     # ------------------------------------------------------------------------------------------- gates
 
@@ -309,6 +310,7 @@ class Router(nn.Module):
         g = gate(s, conv_out=lay.gate_conv(taps, gate.num_groups, gate.conv.bias))
         return g if lay.valid is None else g * lay.level_mask(0, lay.num_levels, g.dtype)
 
+    @torch.compiler.disable  # the host read: one graph break under torch.compile, taken here
     def _plan(self, masks: Sequence[torch.Tensor], lay: SiteLayout, ranges: Sequence[tuple[int, int]]
               ) -> list[tuple[bool, list[int] | None]]:
         """Per path, given its active rows ``masks[i]`` (R,) among the sites of levels ``ranges[i]``: whether
@@ -321,10 +323,10 @@ class Router(nn.Module):
             return [(True, None)] * len(masks)
         flags = torch.stack(masks, dim=1).to(torch.float64)  # exact counts through a matrix product
         per_level = (lay.onehot(torch.float64).t() @ flags).view(lay.num_levels, lay.batch, -1).sum(dim=1)
-        counts = per_level.t().tolist()  # the one host read
+        counts = per_level.t().round().to(torch.int64).tolist()  # the one host read
         plans = []
         for (a, b), level_counts in zip(ranges, counts):
-            active = [int(c) for c in level_counts[a:b]]
+            active = level_counts[a:b]
             full = mode == "auto" and sum(active) > self.auto_threshold * lay.site_count(a, b)
             plans.append((full, active))
         return plans
@@ -405,14 +407,11 @@ class Router(nn.Module):
 
     # -------------------------------------------------------------------------------------- depth path
 
-    def _depth(self, s: SiteRows, g: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor, owned: bool) -> SiteRows:
-        """``relu(s + g ⊙ h)`` with ``h`` the depth path's output at its active rows (zero elsewhere)."""
-        lay, buf, depth = s.layout, s.buf, self.depth
-        rulebook = depth.rulebook or default_rulebook(buf.device, buf.dtype)
-        sets = [inner, outer]
-        if rulebook == "submanifold" and self.execution != "dense":
-            sets.append(lay.neighbour_max(outer[:, None].to(buf.dtype))[:, 0] > 0)  # what conv1 reads
-        plans = self._plan(sets, lay, [(0, lay.num_levels)] * len(sets))
+    def _depth(self, s: SiteRows, g: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor, owned: bool,
+               rulebook: str, plans) -> SiteRows:
+        """``relu(s + g ⊙ h)`` with ``h`` the depth path's output at its active rows (zero elsewhere); ``plans``
+        for the inner rows, the outer rows (and for ``submanifold`` the rows conv1 reads)."""
+        lay, buf = s.layout, s.buf
         full = plans[1][0]
         counts = None if full else [sum(c) for _, c in plans]
         with record_function("sparsehead.depth_conv"):
