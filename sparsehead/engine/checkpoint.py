@@ -92,7 +92,8 @@ def load_model_weights(
     """Load detector weights strictly; a mismatch raises ``ValueError`` naming the keys.
 
     ``source`` is a path or an already-loaded object: a trainer checkpoint (``{"model": ...}``) or a
-    bare state dict. A ``module.`` prefix from DistributedDataParallel is removed.
+    bare state dict. A ``module.`` prefix from DistributedDataParallel is removed, and keys that the
+    model's ``load_state_dict`` pre-hooks rename (state dicts of earlier versions) are accepted.
     """
     name = name or str(source)
     obj = read_checkpoint(source) if not isinstance(source, dict) else source
@@ -105,6 +106,12 @@ def load_model_weights(
     unexpected = set(state) - set(own)
     shapes = {k for k in set(own) & set(state) if own[k].shape != state[k].shape}
     if missing or unexpected or shapes:
+        try:
+            # load_state_dict's pre-hooks rename the keys of earlier versions (see the heads' LEGACY_KEYS)
+            model.load_state_dict(state)
+            return
+        except RuntimeError:
+            pass
         parts = []
         if missing:
             parts.append(f"missing keys: {_fmt(missing)}")
