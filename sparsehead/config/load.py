@@ -6,6 +6,7 @@ parsed as YAML values (``solver.steps=[100,200]``). Unknown keys and badly typed
 :class:`ConfigError` naming the key.
 """
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterable, List, Optional, Union
@@ -29,6 +30,9 @@ _GATE_ACTIVATIONS = ("geretanh", "retanh", "sigmoid")
 _DEPTHS = (18, 34, 50)
 _NORMS = ("frozen_bn", "bn")
 _DEVICES = ("auto", "cpu", "cuda")
+_DATA_PATHS = tuple(f"data.{split}.{key}" for split in ("train", "val") for key in ("ann_file", "img_dir"))
+
+logger = logging.getLogger("sparsehead")
 
 
 class ConfigError(ValueError):
@@ -117,13 +121,7 @@ def load_config(
             raise ConfigError(f"override '{item}': {e}") from None
         cfg = _merge(cfg, parsed, f"override '{item}'", key)
 
-    syn = cfg.data.synthetic
-    if syn.enabled:
-        root = Path(_resolve(syn.root))
-        syn.root = str(root)
-        for split in ("train", "val"):
-            cfg.data[split].ann_file = str(root / "annotations" / f"{split}.json")
-            cfg.data[split].img_dir = str(root / split)
+    _apply_synthetic(cfg, explicit={item.partition("=")[0].strip() for item in overrides})
     for split in ("train", "val"):
         cfg.data[split].ann_file = _resolve(cfg.data[split].ann_file)
         cfg.data[split].img_dir = _resolve(cfg.data[split].img_dir)
@@ -133,6 +131,47 @@ def load_config(
         cfg.model.backbone.weights = _resolve(weights)
     validate_config(cfg)
     return cfg
+
+
+def _apply_synthetic(cfg: DictConfig, explicit: set) -> None:
+    """Point the data paths into ``data.synthetic.root`` when the generated dataset is enabled.
+
+    A data path that is set to anything else wins: the generated dataset is switched off (with a warning),
+    unless ``data.synthetic.enabled`` was itself given on the command line, which is a conflict.
+    """
+    syn = cfg.data.synthetic
+    if not syn.enabled:
+        return
+    root = Path(_resolve(syn.root))
+    generated = {
+        f"data.{split}.{key}": str(root / sub)
+        for split in ("train", "val")
+        for key, sub in (("ann_file", f"annotations/{split}.json"), ("img_dir", split))
+    }
+    given = [k for k in _DATA_PATHS if OmegaConf.select(cfg, k) and _resolve(OmegaConf.select(cfg, k)) != generated[k]]
+    if given:
+        if "data.synthetic.enabled" in explicit:
+            raise ConfigError(
+                f"data.synthetic.enabled=true and {', '.join(given)} are both given: the generated dataset "
+                "uses its own files; drop one of them"
+            )
+        unset = [k for k in _DATA_PATHS if not OmegaConf.select(cfg, k)]
+        if unset:
+            raise ConfigError(
+                f"{', '.join(unset)} must be set: {', '.join(given)} given, which switches the generated dataset "
+                "(data.synthetic) off; set all four data paths, or none to use the generated dataset"
+            )
+        logger.warning(
+            "%s set: the generated dataset (data.synthetic) is switched off and these files are used",
+            ", ".join(given),
+        )
+        syn.enabled = False
+        return
+    syn.root = str(root)
+    if cfg.model.num_classes is None:
+        cfg.model.num_classes = syn.num_classes
+    for key, path in generated.items():
+        OmegaConf.update(cfg, key, path)
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -183,7 +222,12 @@ def validate_config(cfg: DictConfig) -> None:
     _check(m.head.num_convs > 0, "model.head.num_convs", "must be positive")
     _check(0.0 < m.head.gate_init < 1.0, "model.head.gate_init", "must be in (0, 1)")
     _check(m.head.budget_weight >= 0, "model.head.budget_weight", "must be >= 0")
-    _check(m.num_classes > 0, "model.num_classes", "must be positive")
+    _check(m.num_classes is None or m.num_classes > 0, "model.num_classes", "must be positive (or null: inferred)")
+    _check(
+        m.head.auto_threshold is None or 0.0 <= m.head.auto_threshold <= 1.0,
+        "model.head.auto_threshold",
+        "must be in [0, 1] (or null: the crossover shipped for the device)",
+    )
     _check(0 < m.min_size <= m.max_size, "model.min_size", "must be positive and <= model.max_size")
     _check(0.0 <= m.score_thresh < 1.0, "model.score_thresh", "must be in [0, 1)")
     _check(0.0 < m.nms_thresh <= 1.0, "model.nms_thresh", "must be in (0, 1]")
@@ -210,7 +254,7 @@ def validate_config(cfg: DictConfig) -> None:
         _check(syn.num_train > 0 and syn.num_val > 0, "data.synthetic.num_train", "splits must be non-empty")
         _check(syn.image_size >= 32, "data.synthetic.image_size", "must be >= 32")
         _check(
-            syn.num_classes == m.num_classes,
+            m.num_classes is None or syn.num_classes == m.num_classes,
             "model.num_classes",
             f"{m.num_classes} differs from data.synthetic.num_classes={syn.num_classes}",
         )

@@ -20,6 +20,7 @@ __all__ = [
     "set_rng_state",
     "read_checkpoint",
     "load_model_weights",
+    "fill_num_classes",
     "unwrap",
 ]
 
@@ -127,3 +128,19 @@ def load_model_weights(
             + "; ".join(parts)
         )
     model.load_state_dict(state)
+
+
+def fill_num_classes(cfg: Any, checkpoint: Dict[str, Any], name: str) -> None:
+    """Set ``cfg.model.num_classes`` from the config a trainer checkpoint records when it is unset (None)."""
+    if cfg.model.num_classes is not None:
+        return
+    import yaml
+
+    saved = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    try:
+        num = (yaml.safe_load(saved) or {}).get("model", {}).get("num_classes") if isinstance(saved, str) else None
+    except (yaml.YAMLError, AttributeError):
+        num = None
+    if not isinstance(num, int) or num <= 0:
+        raise ValueError(f"model.num_classes is not set and {name} does not record it: pass model.num_classes=K")
+    cfg.model.num_classes = num

@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -10,12 +11,12 @@ from omegaconf import DictConfig
 
 from sparsehead.config import ConfigError, load_config
 
-from .checkpoint import atomic_write_json, load_model_weights
+from .checkpoint import atomic_write_json, fill_num_classes, load_model_weights, read_checkpoint
 from .data import build_test_loader
 from .distributed import destroy_distributed, init_distributed, resolve_device, set_num_threads
 from .evaluation import evaluate, format_summary
 from .logger import setup_logging
-from .trainer import RunError, Trainer, build_datasets, prepare_data
+from .trainer import RunError, Stopped, Trainer, build_datasets, prepare_data
 
 # The evaluation tool's own file: a training run's ``metrics.json`` in the same folder is left as it is.
 EVAL_METRICS = "eval_metrics.json"
@@ -40,11 +41,20 @@ def train_main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     )
     parser.add_argument("config", help="YAML config file (e.g. configs/demo.yaml)")
     parser.add_argument("overrides", nargs="*", help="config overrides as dotted.key=value")
-    parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint.pth")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="continue from output_dir/checkpoint.pth with the saved run's settings (only solver.max_iter, "
+             "the periods, data locations, workers, threads and device may change)",
+    )
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         return Trainer(cfg, resume=args.resume).run()
+    except Stopped as e:  # the trainer logged "stopped at iteration N; resume with --resume"
+        raise SystemExit(128 + e.signum) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     except _USER_ERRORS as e:
         raise _fail(e) from None
     finally:
@@ -66,10 +76,12 @@ def run_evaluation(cfg: DictConfig, weights: str) -> Dict[str, float]:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     setup_logging(str(out), rank)
+    checkpoint = read_checkpoint(weights)
+    fill_num_classes(cfg, checkpoint, weights)
     prepare_data(cfg, rank)
     val_set = build_datasets(cfg, train=False)["val"]
     model = build_model(cfg)
-    load_model_weights(model, weights)
+    load_model_weights(model, checkpoint, name=weights)
     model.to(device).eval()
     loader = build_test_loader(val_set, collate_fn, cfg.test.ims_per_batch, cfg.data.num_workers, rank, world)
     logger.info("Evaluating %s on %s (%d images)", weights, cfg.data.val.ann_file, len(val_set))

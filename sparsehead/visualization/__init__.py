@@ -139,7 +139,7 @@ def val_dataset(cfg: Any) -> Any:
         raise FileNotFoundError(f"data.val.ann_file not found: {ann}")
     if not Path(img_dir).is_dir():
         raise FileNotFoundError(f"data.val.img_dir is not a directory: {img_dir}")
-    ds = CocoDetection(ann, img_dir, transforms=None, train=False)
+    ds = CocoDetection(ann, img_dir, transforms=None, train=False, skip_bad_images=cfg.data.skip_bad_images)
     if ds.num_classes != cfg.model.num_classes:
         raise VisualizeError(f"model.num_classes={cfg.model.num_classes} but data.val ({ann}) has "
                              f"{ds.num_classes} categories")
@@ -167,11 +167,13 @@ def _batches(args: argparse.Namespace, cfg: Any, files: list[Path], val: Any) ->
 
 
 def _load_model(cfg: Any, weights: str, device: torch.device) -> nn.Module:
-    from sparsehead.engine.checkpoint import load_model_weights
+    from sparsehead.engine.checkpoint import fill_num_classes, load_model_weights, read_checkpoint
     from sparsehead.modeling.build import build_model
 
+    checkpoint = read_checkpoint(weights)
+    fill_num_classes(cfg, checkpoint, weights)
     model = build_model(cfg)
-    load_model_weights(model, weights)
+    load_model_weights(model, checkpoint, name=weights)
     if not head_routers(model.head):
         raise VisualizeError(
             f"model.head.kind={cfg.model.head.kind!r} has no routers: there are no gate or work maps to draw"
