@@ -17,9 +17,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .schema import Config
 
-__all__ = ["ConfigError", "DEFAULT_CONFIG", "load_config", "parse_overrides", "validate_config"]
+__all__ = [
+    "CONFIG_DIR", "ConfigError", "DEFAULT_CONFIG", "load_config", "packaged_configs", "parse_overrides",
+    "resolve_config", "validate_config",
+]
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+# The configs shipped with the package (in a source checkout, a link to the repository's configs/ folder).
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
 
 _BASE_KEY = "_base_"
 _HEAD_KINDS = ("plain", "fixed", "dynamic")
@@ -100,16 +105,36 @@ def _resolve(path: str) -> str:
     return str(Path(path).expanduser().resolve()) if path else path
 
 
+def packaged_configs() -> List[str]:
+    """Names of the configs shipped with the package (``demo``, ``fcos_R50_1x``, ...)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config(path: Union[str, os.PathLike]) -> Path:
+    """The config file ``path`` names: an existing file, else a packaged config by name (``demo`` or
+    ``demo.yaml``). Raises :class:`ConfigError` listing the packaged names when neither exists."""
+    given = Path(path).expanduser()
+    if given.is_file():
+        return given
+    if given.parent == Path(".") and str(path):
+        packaged = CONFIG_DIR / (given.name if given.suffix in (".yaml", ".yml") else f"{given.name}.yaml")
+        if packaged.is_file():
+            return packaged
+    raise ConfigError(f"config file not found: {path} (packaged configs: {', '.join(packaged_configs())})")
+
+
 def load_config(
     path: Optional[Union[str, os.PathLike]] = None, overrides: Iterable[str] = ()
 ) -> DictConfig:
     """Load ``path`` (the demo config when None) onto the schema and apply ``key=value`` overrides.
 
+    ``path`` is a YAML file or the name of a packaged config (see :func:`resolve_config`).
+
     Relative paths in the result are resolved against the current directory. The returned config is
     typed (assigning an unknown key or a wrong type raises) and already validated.
     """
     cfg = OmegaConf.structured(Config)
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+    path = resolve_config(path) if path is not None else DEFAULT_CONFIG
     cfg = _merge(cfg, _read_yaml(path.resolve()), str(path))
     overrides = parse_overrides(overrides)
     for item in overrides:

@@ -110,6 +110,14 @@ def _validate(data: dict, ann_file: str) -> None:
         ann.setdefault("area", float(bbox[2]) * float(bbox[3]))
 
 
+def load_annotations(ann_file: str) -> dict:
+    """A COCO annotation file, checked (``DatasetError`` naming the file and entry) and with the optional
+    fields (``area``, ``iscrowd``) filled in."""
+    data = _load_json(ann_file)
+    _validate(data, ann_file)
+    return data
+
+
 def _quiet_coco(data: dict) -> COCO:
     """Build a ``COCO`` index from an in-memory dict, routing its prints to the logger."""
     coco = COCO()
@@ -253,8 +261,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.transforms = transforms
         self.train = train
 
-        data = _load_json(self.ann_file)
-        _validate(data, self.ann_file)
+        data = load_annotations(self.ann_file)
         if os.path.isdir(self.img_dir):
             bad = find_bad_images(data, self.img_dir)
         else:

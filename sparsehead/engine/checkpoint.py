@@ -21,6 +21,7 @@ __all__ = [
     "read_checkpoint",
     "load_model_weights",
     "fill_num_classes",
+    "load_trained_model",
     "unwrap",
 ]
 
@@ -144,3 +145,15 @@ def fill_num_classes(cfg: Any, checkpoint: Dict[str, Any], name: str) -> None:
     if not isinstance(num, int) or num <= 0:
         raise ValueError(f"model.num_classes is not set and {name} does not record it: pass model.num_classes=K")
     cfg.model.num_classes = num
+
+
+def load_trained_model(cfg: Any, weights: PathLike) -> nn.Module:
+    """The detector ``cfg`` describes with the weights of ``weights`` (a trainer checkpoint or a state dict),
+    on the CPU; ``model.num_classes`` left unset is taken from the checkpoint's config."""
+    from sparsehead.modeling.build import build_model
+
+    checkpoint = read_checkpoint(weights)
+    fill_num_classes(cfg, checkpoint, str(weights))
+    model = build_model(cfg)
+    load_model_weights(model, checkpoint, name=str(weights))
+    return model

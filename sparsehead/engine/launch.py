@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from sparsehead.config import ConfigError, load_config
 
-from .checkpoint import atomic_write_json, fill_num_classes, load_model_weights, read_checkpoint
+from .checkpoint import atomic_write_json, load_trained_model
 from .data import build_test_loader
 from .distributed import destroy_distributed, init_distributed, resolve_device, set_num_threads
 from .evaluation import evaluate, format_summary
@@ -37,7 +37,7 @@ def _fail(err: BaseException) -> "SystemExit":
 def train_main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     """``train.py CONFIG [key=value ...] [--resume]``."""
     parser = argparse.ArgumentParser(
-        prog="train.py", description="Train an FCOS or RetinaNet detector with a plain, fixed or dynamic head."
+        description="Train an FCOS or RetinaNet detector with a plain, fixed or dynamic head."
     )
     parser.add_argument("config", help="YAML config file (e.g. configs/demo.yaml)")
     parser.add_argument("overrides", nargs="*", help="config overrides as dotted.key=value")
@@ -65,7 +65,6 @@ def run_evaluation(cfg: DictConfig, weights: str) -> Dict[str, float]:
     """Evaluate ``weights`` on ``cfg.data.val``; rank 0 writes ``output_dir/eval_metrics.json`` (replacing
     the previous evaluation's, never the training run's ``metrics.json``)."""
     from sparsehead.data import collate_fn
-    from sparsehead.modeling.build import build_model
 
     if not Path(weights).is_file():
         raise FileNotFoundError(f"--weights file not found: {weights}")
@@ -76,12 +75,9 @@ def run_evaluation(cfg: DictConfig, weights: str) -> Dict[str, float]:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     setup_logging(str(out), rank)
-    checkpoint = read_checkpoint(weights)
-    fill_num_classes(cfg, checkpoint, weights)
+    model = load_trained_model(cfg, weights)
     prepare_data(cfg, rank)
     val_set = build_datasets(cfg, train=False)["val"]
-    model = build_model(cfg)
-    load_model_weights(model, checkpoint, name=weights)
     model.to(device).eval()
     loader = build_test_loader(val_set, collate_fn, cfg.test.ims_per_batch, cfg.data.num_workers, rank, world)
     logger.info("Evaluating %s on %s (%d images)", weights, cfg.data.val.ann_file, len(val_set))
@@ -95,7 +91,7 @@ def run_evaluation(cfg: DictConfig, weights: str) -> Dict[str, float]:
 def eval_main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     """``eval.py CONFIG --weights CKPT [key=value ...]``."""
     parser = argparse.ArgumentParser(
-        prog="eval.py", description="Evaluate a detector: COCO AP and head GMACs."
+        description="Evaluate a detector: COCO AP and head GMACs."
     )
     parser.add_argument("config", help="YAML config file the weights were trained with")
     parser.add_argument("overrides", nargs="*", help="config overrides as dotted.key=value")

@@ -63,7 +63,6 @@ class VisualizeError(ValueError):
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="visualize.py",
         description="Draw detections, gate maps, work maps and the realised head cost of a dynamic head.",
     )
     parser.add_argument("config", help="YAML config the weights were trained with")
@@ -167,13 +166,9 @@ def _batches(args: argparse.Namespace, cfg: Any, files: list[Path], val: Any) ->
 
 
 def _load_model(cfg: Any, weights: str, device: torch.device) -> nn.Module:
-    from sparsehead.engine.checkpoint import fill_num_classes, load_model_weights, read_checkpoint
-    from sparsehead.modeling.build import build_model
+    from sparsehead.engine.checkpoint import load_trained_model
 
-    checkpoint = read_checkpoint(weights)
-    fill_num_classes(cfg, checkpoint, weights)
-    model = build_model(cfg)
-    load_model_weights(model, checkpoint, name=weights)
+    model = load_trained_model(cfg, weights)
     if not head_routers(model.head):
         raise VisualizeError(
             f"model.head.kind={cfg.model.head.kind!r} has no routers: there are no gate or work maps to draw"

@@ -231,3 +231,18 @@ def test_auto_uses_the_shipped_crossover_unless_a_threshold_is_given(given):
     assert thresholds == {expected}
     with pytest.raises(ConfigError, match="model.head.auto_threshold"):
         load_config(DEFAULT_CONFIG, ["model.head.auto_threshold=1.5"])
+
+
+def test_packaged_config_by_name(tmp_path, monkeypatch):
+    from sparsehead.config import CONFIG_DIR, packaged_configs, resolve_config
+
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    assert "demo" in packaged_configs() and "fcos_R50_1x" in packaged_configs()
+    assert resolve_config("demo") == CONFIG_DIR / "demo.yaml" == resolve_config("demo.yaml")
+    assert load_config("demo").model.num_classes == load_config(CONFIGS / "demo.yaml").model.num_classes
+    assert load_config("fcos_R50_1x").model.num_classes == 80  # its _base_ is found beside it
+    local = _write(tmp_path / "demo.yaml", "output_dir: mine\ndata:\n  synthetic: {enabled: true}\n")
+    assert load_config("demo.yaml").output_dir == str(tmp_path / "mine")  # a file here wins
+    local.unlink()
+    with pytest.raises(ConfigError, match=r"config file not found: nodemo \(packaged configs: .*demo"):
+        load_config("nodemo")
