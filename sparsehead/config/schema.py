@@ -16,6 +16,7 @@ __all__ = [
     "DataConfig",
     "SolverConfig",
     "TestConfig",
+    "LoggingConfig",
     "Config",
 ]
 
@@ -123,6 +124,13 @@ class TestConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where training logs go besides ``metrics.jsonl`` (always written)."""
+
+    tensorboard: bool = False  # also write TensorBoard events to output_dir/tensorboard (needs the tensorboard package)
+
+
+@dataclass
 class Config:
     seed: int = 0
     output_dir: str = "output"
@@ -132,3 +140,4 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     test: TestConfig = field(default_factory=TestConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

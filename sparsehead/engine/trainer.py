@@ -1,5 +1,6 @@
 """Training loop: SGD with warm-up and step decay, checkpoints, periodic and final evaluation."""
 
+import importlib.util
 import json
 import logging
 import math
@@ -56,6 +57,7 @@ CHECKPOINT = "checkpoint.pth"  # full training state, rewritten atomically every
 FINAL_WEIGHTS = "model_final.pth"  # model weights (and config) at the end of training
 METRICS_LOG = "metrics.jsonl"
 METRICS = "metrics.json"
+TENSORBOARD = "tensorboard"  # TensorBoard event files, when logging.tensorboard is on
 
 
 # Settings a resumed run takes from the command line; every other setting is the saved run's.
@@ -241,7 +243,36 @@ class Trainer:
             )
         return ckpt if ckpt.exists() else None
 
+    def _open_tensorboard(self) -> None:
+        """Rank 0, ``logging.tensorboard``: a SummaryWriter on ``output_dir/tensorboard``; a resumed run drops
+        the events the interrupted run wrote after its checkpoint (``purge_step``)."""
+        self._tb = None
+        if not (self.cfg.logging.tensorboard and self.is_main):
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        purge = self.start_iter + 1 if self.start_iter else None
+        self._tb = SummaryWriter(str(self.out / TENSORBOARD), purge_step=purge)
+
+    def _log_tensorboard(self, record: Dict[str, Any]) -> None:
+        """Loss terms, learning rate and cost ratio of a training record; AP and head GMACs of an evaluation."""
+        if getattr(self, "_tb", None) is None:
+            return
+        step = record["iteration"]
+        if "eval" in record:
+            values = {f"eval/{k}": v for k, v in record["eval"].items() if k not in ("iteration", "num_images")}
+        else:
+            values = {f"train/{k}": v for k, v in record.items() if k not in ("iteration", "time", "elapsed")}
+        for tag, value in values.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self._tb.add_scalar(tag, value, step)
+        self._tb.flush()
+
     def _release(self) -> None:
+        tb = getattr(self, "_tb", None)
+        if tb is not None:
+            tb.close()
+            self._tb = None
         lock = getattr(self, "_lock", None)
         if lock is not None:
             lock.release()
@@ -267,6 +298,11 @@ class Trainer:
         if ckpt is not None:
             self._use_saved_config(ckpt, resume_from)
         cfg = self.cfg
+        if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise RunError(
+                'logging.tensorboard=true needs the tensorboard package: pip install "sparsehead[tensorboard]" '
+                "(or tensorboard), or set logging.tensorboard=false"
+            )
         logger.info("Running on %s with %d process(es)", self.device, self.world_size)
 
         seed_all(cfg.seed)
@@ -300,6 +336,7 @@ class Trainer:
             logger.info("Resumed from %s at iteration %d", resume_from, self.start_iter)
         if self.is_main:
             self._truncate_metrics_log(self.start_iter)
+        self._open_tensorboard()
 
         if self.world_size > 1:
             # Gated paths that are inactive everywhere in a batch get no gradient, so DDP must be told
@@ -396,6 +433,7 @@ class Trainer:
                 f.flush()
 
         self._write(METRICS_LOG, append)
+        self._log_tensorboard(record)
 
     # -- loop ----------------------------------------------------------------------------------
     def _step(
