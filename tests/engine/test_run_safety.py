@@ -76,18 +76,23 @@ def test_locked_output_dir_refused_then_stale_lock_and_temporaries_taken_over(da
     assert (out / ".lock").read_text() == ""  # released: nobody holds it
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_stops_after_a_checkpoint(dataset_root, tmp_path, sig):
+# SIGTERM as a cluster scheduler sends it: to the whole process group, DataLoader workers included.
+@pytest.mark.parametrize("sig, group, workers", [(signal.SIGTERM, True, 1), (signal.SIGINT, False, 0)])
+def test_signal_stops_after_a_checkpoint(dataset_root, tmp_path, sig, group, workers):
     out = tmp_path / "run"
-    opts = tiny_overrides(dataset_root, out, **{"solver.max_iter": 200, "solver.checkpoint_period": 1000})
+    opts = tiny_overrides(dataset_root, out, **{"solver.max_iter": 200, "solver.checkpoint_period": 1000,
+                                                "data.num_workers": workers})
     proc = subprocess.Popen([sys.executable, str(REPO / "tools" / "train.py"), str(DEMO), *opts], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     log = out / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 2):
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
-    proc.send_signal(sig)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + sig, err[-2000:]
     assert "Traceback" not in err, err[-3000:]
