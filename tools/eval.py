@@ -5,7 +5,7 @@ replacing the previous evaluation's; a training run's ``metrics.json`` in that f
 """
 import sys
 
-from sparsehead.cli import evaluate
+from sparsehead.cli import evaluate as main
 
 if __name__ == "__main__":
-    sys.exit(evaluate())
+    sys.exit(main())

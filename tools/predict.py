@@ -7,7 +7,7 @@ Writes COCO-format results and, beside them, the realised head GMACs per image; 
 
 import sys
 
-from sparsehead.cli import predict
+from sparsehead.cli import predict as main
 
 if __name__ == "__main__":
-    sys.exit(predict())
+    sys.exit(main())

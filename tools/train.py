@@ -4,7 +4,7 @@ Multi-process: ``torchrun --nproc_per_node=N tools/train.py CONFIG ...``.
 """
 import sys
 
-from sparsehead.cli import train
+from sparsehead.cli import train as main
 
 if __name__ == "__main__":
-    sys.exit(train())
+    sys.exit(main())

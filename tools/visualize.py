@@ -7,7 +7,7 @@ See ``sparsehead.visualization`` and docs/visualize.md.
 """
 import sys
 
-from sparsehead.cli import visualize
+from sparsehead.cli import visualize as main
 
 if __name__ == "__main__":
-    sys.exit(visualize())
+    sys.exit(main())

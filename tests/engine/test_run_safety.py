@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_trainer import DEMO, KilledTrainer, read_log, tiny_cfg, tiny_overrides
+from test_trainer import DEMO, Interrupted, KilledTrainer, read_log, tiny_cfg, tiny_overrides
 
 from sparsehead.engine.checkpoint import read_checkpoint
 from sparsehead.engine.launch import train_main
@@ -107,7 +107,7 @@ def test_signal_stops_after_a_checkpoint(dataset_root, tmp_path, sig, group, wor
 def test_resume_keeps_the_saved_settings_and_says_so(dataset_root, tmp_path):
     extra = {"solver.max_iter": 7, "solver.checkpoint_period": 4, "solver.warmup_iters": 0}
     out = tmp_path / "run"
-    with pytest.raises(Exception, match=""):
+    with pytest.raises(Interrupted):
         KilledTrainer(tiny_cfg(dataset_root, out, **extra)).run()
     saved_lr = tiny_cfg(dataset_root, out).solver.base_lr
     changed = {**extra, "solver.base_lr": 0.05, "solver.steps": "[5,6]", "solver.max_iter": 6,
