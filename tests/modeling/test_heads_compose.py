@@ -12,8 +12,8 @@ from torchvision.models.detection.retinanet import (
 )
 
 from sparsehead.modeling.heads import FCOSDynamicHead, RetinaNetDynamicHead
-from sparsehead.modeling.heads.fcos import LEGACY_KEYS as FCOS_LEGACY
-from sparsehead.modeling.heads.retinanet import LEGACY_KEYS as RETINA_LEGACY
+
+FCOS_LEGACY, RETINA_LEGACY = FCOSDynamicHead.LEGACY_KEYS, RetinaNetDynamicHead.LEGACY_KEYS
 
 C, K = 32, 3
 CASES = {

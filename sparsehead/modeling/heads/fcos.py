@@ -7,18 +7,17 @@ exactly ``cls_logits`` (N, HWA, K), ``bbox_regression`` (N, HWA, 4) and ``bbox_c
 """
 from __future__ import annotations
 
-import math
-from functools import partial
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection.fcos import FCOSHead
 
-from ..cost import collect_cost, conv_macs_per_pixel, dense_cost
-from ..tower import DynamicTower, ExecutionMixin
+from ..cost import conv_macs_per_pixel, dense_cost
+from ..tower import DynamicTower
+from .towers import DynamicHeadMixin, check_head_args
 
-__all__ = ["FCOSDynamicHead", "FCOSPlainHead", "build_tower", "flatten_level", "rename_legacy_keys"]
+__all__ = ["FCOSDynamicHead", "FCOSPlainHead", "flatten_level"]
 
 
 def flatten_level(x: Tensor, size: int) -> Tensor:
@@ -27,28 +26,7 @@ def flatten_level(x: Tensor, size: int) -> Tensor:
     return x.view(n, -1, size, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, size)
 
 
-def build_tower(channels: int, num_routers: int, **kwargs) -> DynamicTower:
-    """The heads' default tower: a 2D :class:`DynamicTower` (``kwargs`` are its keyword arguments)."""
-    return DynamicTower(channels, num_routers, ndim=2, **kwargs)
-
-
-def rename_legacy_keys(
-    renames: dict[str, str], state_dict: dict, prefix: str, local_metadata, strict, missing_keys, unexpected_keys,
-    error_msgs,
-) -> None:
-    """``load_state_dict`` pre-hook: rename ``prefix + old`` keys to ``prefix + new`` for each ``old -> new``
-    of ``renames`` when the new key is absent (state dicts of earlier versions)."""
-    for key in list(state_dict):
-        if not key.startswith(prefix):
-            continue
-        rest = key[len(prefix):]
-        for old, new in renames.items():
-            if rest.startswith(old) and prefix + new + rest[len(old):] not in state_dict:
-                state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
-                break
-
-
-class FCOSDynamicHead(ExecutionMixin, FCOSHead):
+class FCOSDynamicHead(DynamicHeadMixin, FCOSHead):
     """FCOS head with two dynamic towers (classification, regression); centerness on regression.
 
     Args:
@@ -77,6 +55,13 @@ class FCOSDynamicHead(ExecutionMixin, FCOSHead):
     ``bbox_reg.*``, ``bbox_ctrness.*``) load unchanged: they are renamed on load.
     """
 
+    # Keys of the prediction convs before they moved into torchvision's sub-heads -> their keys now.
+    LEGACY_KEYS = {
+        "cls_logits.": "classification_head.cls_logits.",
+        "bbox_reg.": "regression_head.bbox_reg.",
+        "bbox_ctrness.": "regression_head.bbox_ctrness.",
+    }
+
     def __init__(
         self,
         in_channels: int,
@@ -95,31 +80,16 @@ class FCOSDynamicHead(ExecutionMixin, FCOSHead):
         cls_tower: Optional[DynamicTower] = None,
         reg_tower: Optional[DynamicTower] = None,
     ) -> None:
-        if budget_weight < 0:
-            raise ValueError(f"budget_weight must be >= 0, got {budget_weight}")
-        if not 0.0 < prior_prob < 1.0:
-            raise ValueError(f"prior_prob must lie in (0, 1), got {prior_prob}")
+        check_head_args(budget_weight, prior_prob)
         super().__init__(in_channels, num_anchors, num_classes, num_convs=0)
         self.num_classes = num_classes
         self.num_anchors = num_anchors
-        self.gated = gated
-        self.budget_weight = budget_weight
         self.scales = nn.Parameter(torch.ones(num_levels))
-        self.cls_tower = cls_tower if cls_tower is not None else build_tower(
-            in_channels, num_routers, tau=tau, num_levels=num_levels, gated=gated, gate_activation=gate_activation,
-            gate_init=gate_init, gn_groups=gn_groups, execution=execution,
+        self._add_towers(
+            in_channels, num_routers, gated, budget_weight, prior_prob, cls_tower, reg_tower, tau=tau,
+            num_levels=num_levels, gate_activation=gate_activation, gate_init=gate_init, gn_groups=gn_groups,
+            execution=execution,
         )
-        self.reg_tower = reg_tower if reg_tower is not None else build_tower(
-            in_channels, num_routers, tau=tau, num_levels=num_levels, gated=gated, gate_activation=gate_activation,
-            gate_init=gate_init, gn_groups=gn_groups, execution=execution,
-        )
-        # Parameters in the order of earlier versions (scales, towers, prediction convs), so that the
-        # optimizer state of their checkpoints still lines up with the parameters.
-        for name in ("classification_head", "regression_head"):
-            self._modules[name] = self._modules.pop(name)  # re-inserted last
-        nn.init.constant_(self.classification_head.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
-        self._register_load_state_dict_pre_hook(partial(rename_legacy_keys, LEGACY_KEYS))
-        self.last_cost = None
 
     def _predictor_macs(self) -> int:
         convs = (self.classification_head.cls_logits, self.regression_head.bbox_reg, self.regression_head.bbox_ctrness)
@@ -141,29 +111,6 @@ class FCOSDynamicHead(ExecutionMixin, FCOSHead):
             "bbox_regression": torch.cat(boxes, dim=1),
             "bbox_ctrness": torch.cat(ctrness, dim=1),
         }
-
-    def compute_loss(
-        self,
-        targets: list[dict[str, Tensor]],
-        head_outputs: dict[str, Tensor],
-        anchors: list[Tensor],
-        matched_idxs: list[Tensor],
-    ) -> dict[str, Tensor]:
-        """torchvision's FCOS losses, plus ``loss_budget`` when the towers are gated."""
-        losses = super().compute_loss(targets, head_outputs, anchors, matched_idxs)
-        if self.gated:
-            cost = collect_cost(self.cls_tower) + collect_cost(self.reg_tower)
-            losses["loss_budget"] = cost.budget_loss(self.budget_weight)
-        return losses
-
-
-# Keys of the prediction convs before they moved into torchvision's sub-heads -> their keys now.
-LEGACY_KEYS = {
-    "cls_logits.": "classification_head.cls_logits.",
-    "bbox_reg.": "regression_head.bbox_reg.",
-    "bbox_ctrness.": "regression_head.bbox_ctrness.",
-}
-
 
 class FCOSPlainHead(FCOSHead):
     """torchvision's FCOS head (the paper's "D2" baseline) that records its cost like the others."""

@@ -8,21 +8,20 @@ box loss on the encoded deltas), plus ``loss_budget`` when the towers are gated.
 """
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Optional
 
 from torch import Tensor, nn
 from torchvision.models.detection.retinanet import RetinaNetHead
 
-from ..cost import collect_cost, conv_macs_per_pixel, dense_cost
-from ..tower import DynamicTower, ExecutionMixin
-from .fcos import build_tower, rename_legacy_keys
+from ..cost import conv_macs_per_pixel, dense_cost
+from ..tower import DynamicTower
+from .towers import DynamicHeadMixin, check_head_args
 
 __all__ = ["RetinaNetDynamicHead", "RetinaNetPlainHead"]
 
 
-class RetinaNetDynamicHead(ExecutionMixin, RetinaNetHead):
+class RetinaNetDynamicHead(DynamicHeadMixin, RetinaNetHead):
     """RetinaNet head with a dynamic classification tower and a dynamic regression tower.
 
     Args:
@@ -51,6 +50,9 @@ class RetinaNetDynamicHead(ExecutionMixin, RetinaNetHead):
     ``bbox_reg.*``) load unchanged: they are renamed on load.
     """
 
+    # Keys of the prediction convs before they moved into torchvision's sub-heads -> their keys now.
+    LEGACY_KEYS = {"cls_logits.": "classification_head.cls_logits.", "bbox_reg.": "regression_head.bbox_reg."}
+
     def __init__(
         self,
         in_channels: int,
@@ -69,33 +71,18 @@ class RetinaNetDynamicHead(ExecutionMixin, RetinaNetHead):
         cls_tower: Optional[DynamicTower] = None,
         reg_tower: Optional[DynamicTower] = None,
     ) -> None:
-        if budget_weight < 0:
-            raise ValueError(f"budget_weight must be >= 0, got {budget_weight}")
-        if not 0.0 < prior_prob < 1.0:
-            raise ValueError(f"prior_prob must lie in (0, 1), got {prior_prob}")
+        check_head_args(budget_weight, prior_prob)
         super().__init__(in_channels, num_anchors, num_classes)
         # torchvision's sub-heads always build four per-level convs; the towers take their place.
         self.classification_head.conv = nn.Sequential()
         self.regression_head.conv = nn.Sequential()
         self.num_classes = num_classes
         self.num_anchors = num_anchors
-        self.gated = gated
-        self.budget_weight = budget_weight
-        self.cls_tower = cls_tower if cls_tower is not None else build_tower(
-            in_channels, num_routers, tau=tau, num_levels=num_levels, gated=gated, gate_activation=gate_activation,
-            gate_init=gate_init, gn_groups=gn_groups, execution=execution,
+        self._add_towers(
+            in_channels, num_routers, gated, budget_weight, prior_prob, cls_tower, reg_tower, tau=tau,
+            num_levels=num_levels, gate_activation=gate_activation, gate_init=gate_init, gn_groups=gn_groups,
+            execution=execution,
         )
-        self.reg_tower = reg_tower if reg_tower is not None else build_tower(
-            in_channels, num_routers, tau=tau, num_levels=num_levels, gated=gated, gate_activation=gate_activation,
-            gate_init=gate_init, gn_groups=gn_groups, execution=execution,
-        )
-        # Parameters in the order of earlier versions (towers, then prediction convs), so that the optimizer
-        # state of their checkpoints still lines up with the parameters.
-        for name in ("classification_head", "regression_head"):
-            self._modules[name] = self._modules.pop(name)  # re-inserted last
-        nn.init.constant_(self.classification_head.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
-        self._register_load_state_dict_pre_hook(partial(rename_legacy_keys, LEGACY_KEYS))
-        self.last_cost = None
 
     def _predictor_macs(self) -> int:
         convs = (self.classification_head.cls_logits, self.regression_head.bbox_reg)
@@ -108,25 +95,6 @@ class RetinaNetDynamicHead(ExecutionMixin, RetinaNetHead):
         reg_feats = self.reg_tower(x)
         self.last_cost = dense_cost(x, self._predictor_macs())
         return {"cls_logits": self.classification_head(cls_feats), "bbox_regression": self.regression_head(reg_feats)}
-
-    def compute_loss(
-        self,
-        targets: list[dict[str, Tensor]],
-        head_outputs: dict[str, Tensor],
-        anchors: list[Tensor],
-        matched_idxs: list[Tensor],
-    ) -> dict[str, Tensor]:
-        """torchvision's RetinaNet losses, plus ``loss_budget`` when the towers are gated."""
-        losses = super().compute_loss(targets, head_outputs, anchors, matched_idxs)
-        if self.gated:
-            cost = collect_cost(self.cls_tower) + collect_cost(self.reg_tower)
-            losses["loss_budget"] = cost.budget_loss(self.budget_weight)
-        return losses
-
-
-# Keys of the prediction convs before they moved into torchvision's sub-heads -> their keys now.
-LEGACY_KEYS = {"cls_logits.": "classification_head.cls_logits.", "bbox_reg.": "regression_head.bbox_reg."}
-
 
 class RetinaNetPlainHead(RetinaNetHead):
     """torchvision's RetinaNet head (four 3×3 convs per tower) that records its cost like the others.
