@@ -30,7 +30,11 @@ _USER_ERRORS = (ConfigError, RunError, FileNotFoundError, ValueError, FloatingPo
 
 
 def _fail(err: BaseException) -> "SystemExit":
-    logging.getLogger("sparsehead").error("%s", err)
+    """The exit with ``error: <message>`` on stderr; the message also goes to the run's log file, if open."""
+    record = logging.LogRecord("sparsehead", logging.ERROR, __file__, 0, "%s", (err,), None)
+    for handler in logging.getLogger("sparsehead").handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
     return SystemExit(f"error: {err}")
 
 
@@ -39,7 +43,7 @@ def train_main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     parser = argparse.ArgumentParser(
         description="Train an FCOS or RetinaNet detector with a plain, fixed or dynamic head."
     )
-    parser.add_argument("config", help="YAML config file (e.g. configs/demo.yaml)")
+    parser.add_argument("config", help="YAML config file, or the name of a packaged config (e.g. demo)")
     parser.add_argument("overrides", nargs="*", help="config overrides as dotted.key=value")
     parser.add_argument(
         "--resume", action="store_true",
@@ -93,7 +97,7 @@ def eval_main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     parser = argparse.ArgumentParser(
         description="Evaluate a detector: COCO AP and head GMACs."
     )
-    parser.add_argument("config", help="YAML config file the weights were trained with")
+    parser.add_argument("config", help="YAML config file the weights were trained with (or a packaged config's name)")
     parser.add_argument("overrides", nargs="*", help="config overrides as dotted.key=value")
     parser.add_argument("--weights", required=True, help="checkpoint.pth / model_final.pth or a state dict")
     args = parser.parse_intermixed_args(argv)
