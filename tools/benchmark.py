@@ -4,7 +4,7 @@ Writes ``--out``/benchmark.json, benchmark.csv and benchmark.png; ``--help`` lis
 """
 import sys
 
-from sparsehead.benchmark.run import main
+from sparsehead.cli import benchmark as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,8 +2,9 @@
 
 Multi-process: ``torchrun --nproc_per_node=N tools/train.py CONFIG ...``.
 """
+import sys
 
-from sparsehead.engine import train_main
+from sparsehead.cli import train as main
 
 if __name__ == "__main__":
-    train_main()
+    sys.exit(main())

@@ -5,10 +5,9 @@ Writes 1600×900 PNGs: per image the detections, gate maps and work maps; with `
 also a histogram of the realised head GMACs per image and the active fraction per router and level.
 See ``sparsehead.visualization`` and docs/visualize.md.
 """
-
 import sys
 
-from sparsehead.visualization import main
+from sparsehead.cli import visualize as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,6 +6,7 @@ parsed as YAML values (``solver.steps=[100,200]``). Unknown keys and badly typed
 :class:`ConfigError` naming the key.
 """
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterable, List, Optional, Union
@@ -16,9 +17,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .schema import Config
 
-__all__ = ["ConfigError", "DEFAULT_CONFIG", "load_config", "parse_overrides", "validate_config"]
+__all__ = [
+    "CONFIG_DIR", "ConfigError", "DEFAULT_CONFIG", "load_config", "packaged_configs", "parse_overrides",
+    "resolve_config", "validate_config",
+]
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+# The configs shipped with the package (in a source checkout, a link to the repository's configs/ folder).
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
 
 _BASE_KEY = "_base_"
 _HEAD_KINDS = ("plain", "fixed", "dynamic")
@@ -29,6 +35,9 @@ _GATE_ACTIVATIONS = ("geretanh", "retanh", "sigmoid")
 _DEPTHS = (18, 34, 50)
 _NORMS = ("frozen_bn", "bn")
 _DEVICES = ("auto", "cpu", "cuda")
+_DATA_PATHS = tuple(f"data.{split}.{key}" for split in ("train", "val") for key in ("ann_file", "img_dir"))
+
+logger = logging.getLogger("sparsehead")
 
 
 class ConfigError(ValueError):
@@ -96,16 +105,36 @@ def _resolve(path: str) -> str:
     return str(Path(path).expanduser().resolve()) if path else path
 
 
+def packaged_configs() -> List[str]:
+    """Names of the configs shipped with the package (``demo``, ``fcos_R50_1x``, ...)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config(path: Union[str, os.PathLike]) -> Path:
+    """The config file ``path`` names: an existing file, else a packaged config by name (``demo`` or
+    ``demo.yaml``). Raises :class:`ConfigError` listing the packaged names when neither exists."""
+    given = Path(path).expanduser()
+    if given.is_file():
+        return given
+    if given.parent == Path(".") and str(path):
+        packaged = CONFIG_DIR / (given.name if given.suffix in (".yaml", ".yml") else f"{given.name}.yaml")
+        if packaged.is_file():
+            return packaged
+    raise ConfigError(f"config file not found: {path} (packaged configs: {', '.join(packaged_configs())})")
+
+
 def load_config(
     path: Optional[Union[str, os.PathLike]] = None, overrides: Iterable[str] = ()
 ) -> DictConfig:
     """Load ``path`` (the demo config when None) onto the schema and apply ``key=value`` overrides.
 
+    ``path`` is a YAML file or the name of a packaged config (see :func:`resolve_config`).
+
     Relative paths in the result are resolved against the current directory. The returned config is
     typed (assigning an unknown key or a wrong type raises) and already validated.
     """
     cfg = OmegaConf.structured(Config)
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+    path = resolve_config(path) if path is not None else DEFAULT_CONFIG
     cfg = _merge(cfg, _read_yaml(path.resolve()), str(path))
     overrides = parse_overrides(overrides)
     for item in overrides:
@@ -117,13 +146,7 @@ def load_config(
             raise ConfigError(f"override '{item}': {e}") from None
         cfg = _merge(cfg, parsed, f"override '{item}'", key)
 
-    syn = cfg.data.synthetic
-    if syn.enabled:
-        root = Path(_resolve(syn.root))
-        syn.root = str(root)
-        for split in ("train", "val"):
-            cfg.data[split].ann_file = str(root / "annotations" / f"{split}.json")
-            cfg.data[split].img_dir = str(root / split)
+    _apply_synthetic(cfg, explicit={item.partition("=")[0].strip() for item in overrides})
     for split in ("train", "val"):
         cfg.data[split].ann_file = _resolve(cfg.data[split].ann_file)
         cfg.data[split].img_dir = _resolve(cfg.data[split].img_dir)
@@ -133,6 +156,47 @@ def load_config(
         cfg.model.backbone.weights = _resolve(weights)
     validate_config(cfg)
     return cfg
+
+
+def _apply_synthetic(cfg: DictConfig, explicit: set) -> None:
+    """Point the data paths into ``data.synthetic.root`` when the generated dataset is enabled.
+
+    A data path that is set to anything else wins: the generated dataset is switched off (with a warning),
+    unless ``data.synthetic.enabled`` was itself given on the command line, which is a conflict.
+    """
+    syn = cfg.data.synthetic
+    if not syn.enabled:
+        return
+    root = Path(_resolve(syn.root))
+    generated = {
+        f"data.{split}.{key}": str(root / sub)
+        for split in ("train", "val")
+        for key, sub in (("ann_file", f"annotations/{split}.json"), ("img_dir", split))
+    }
+    given = [k for k in _DATA_PATHS if OmegaConf.select(cfg, k) and _resolve(OmegaConf.select(cfg, k)) != generated[k]]
+    if given:
+        if "data.synthetic.enabled" in explicit:
+            raise ConfigError(
+                f"data.synthetic.enabled=true and {', '.join(given)} are both given: the generated dataset "
+                "uses its own files; drop one of them"
+            )
+        unset = [k for k in _DATA_PATHS if not OmegaConf.select(cfg, k)]
+        if unset:
+            raise ConfigError(
+                f"{', '.join(unset)} must be set: {', '.join(given)} given, which switches the generated dataset "
+                "(data.synthetic) off; set all four data paths, or none to use the generated dataset"
+            )
+        logger.warning(
+            "%s set: the generated dataset (data.synthetic) is switched off and these files are used",
+            ", ".join(given),
+        )
+        syn.enabled = False
+        return
+    syn.root = str(root)
+    if cfg.model.num_classes is None:
+        cfg.model.num_classes = syn.num_classes
+    for key, path in generated.items():
+        OmegaConf.update(cfg, key, path)
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -183,7 +247,12 @@ def validate_config(cfg: DictConfig) -> None:
     _check(m.head.num_convs > 0, "model.head.num_convs", "must be positive")
     _check(0.0 < m.head.gate_init < 1.0, "model.head.gate_init", "must be in (0, 1)")
     _check(m.head.budget_weight >= 0, "model.head.budget_weight", "must be >= 0")
-    _check(m.num_classes > 0, "model.num_classes", "must be positive")
+    _check(m.num_classes is None or m.num_classes > 0, "model.num_classes", "must be positive (or null: inferred)")
+    _check(
+        m.head.auto_threshold is None or 0.0 <= m.head.auto_threshold <= 1.0,
+        "model.head.auto_threshold",
+        "must be in [0, 1] (or null: the crossover shipped for the device)",
+    )
     _check(0 < m.min_size <= m.max_size, "model.min_size", "must be positive and <= model.max_size")
     _check(0.0 <= m.score_thresh < 1.0, "model.score_thresh", "must be in [0, 1)")
     _check(0.0 < m.nms_thresh <= 1.0, "model.nms_thresh", "must be in (0, 1]")
@@ -210,7 +279,7 @@ def validate_config(cfg: DictConfig) -> None:
         _check(syn.num_train > 0 and syn.num_val > 0, "data.synthetic.num_train", "splits must be non-empty")
         _check(syn.image_size >= 32, "data.synthetic.image_size", "must be >= 32")
         _check(
-            syn.num_classes == m.num_classes,
+            m.num_classes is None or syn.num_classes == m.num_classes,
             "model.num_classes",
             f"{m.num_classes} differs from data.synthetic.num_classes={syn.num_classes}",
         )

@@ -5,7 +5,7 @@ omegaconf rejects unknown keys and values of the wrong type against this schema.
 """
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 __all__ = [
     "BackboneConfig",
@@ -16,6 +16,7 @@ __all__ = [
     "DataConfig",
     "SolverConfig",
     "TestConfig",
+    "LoggingConfig",
     "Config",
 ]
 
@@ -45,6 +46,8 @@ class HeadConfig:
     gate_init: float = 0.99
     budget_weight: float = 0.1
     execution: str = "sparse"  # dense | sparse | auto: gated paths at evaluation (and training by default)
+    # auto: a path runs sparse when its active fraction is at most this; null: the crossover shipped for the device
+    auto_threshold: Optional[float] = None
     train_execution: str = ""  # "" (same as execution) | dense | sparse | auto: used while training
     gn_groups: int = 32
     prior_prob: float = 0.01
@@ -53,7 +56,7 @@ class HeadConfig:
 @dataclass
 class ModelConfig:
     arch: str = "fcos"  # fcos | retinanet (torchvision's detector the head plugs into)
-    num_classes: int = 80
+    num_classes: Optional[int] = None  # null: the number of categories of the training annotations
     min_size: int = 800
     max_size: int = 1333
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -94,6 +97,7 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     num_workers: int = 2
     flip_prob: float = 0.5
+    skip_bad_images: bool = False  # leave out (and count) missing, unreadable or mis-sized images instead of stopping
 
 
 @dataclass
@@ -120,6 +124,13 @@ class TestConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where training logs go besides ``metrics.jsonl`` (always written)."""
+
+    tensorboard: bool = False  # also write TensorBoard events to output_dir/tensorboard (needs the tensorboard package)
+
+
+@dataclass
 class Config:
     seed: int = 0
     output_dir: str = "output"
@@ -129,3 +140,4 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     test: TestConfig = field(default_factory=TestConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

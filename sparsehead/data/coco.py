@@ -5,8 +5,16 @@ Targets are ``{"boxes": (K, 4) float xyxy pixels, "labels": (K,) int64 in 0..num
 ``cat_ids``: label ``i`` <-> category id ``cat_ids[i]`` (sorted ascending).
 
 Input is validated at construction so that a bad file fails before any training starts:
-missing/invalid annotation file, missing keys, unknown category or image ids, missing image files,
-and (with ``train=True``) a training set without a single usable box all raise ``DatasetError``.
+missing/invalid annotation file, missing keys, unknown category or image ids, and (with ``train=True``)
+a training set without a single usable box all raise ``DatasetError``. Every listed image is checked
+once by reading its header: a missing or unreadable file, an unsupported pixel format, or a size that
+differs from the annotation's ``width``/``height`` is a *bad image*; all bad images are reported in one
+``DatasetError``, or, with ``skip_bad_images=True``, left out (with their annotations) and counted.
+
+Images are read the way they are displayed: the EXIF orientation tag is applied (as detectron2's and
+OpenCV's readers do, and as annotation tools show the image), so sizes and boxes refer to the rotated
+image. 16-bit images are scaled by their bit depth (value / 65535).
+
 Crowd annotations (``iscrowd=1``) are left out of the targets (they stay in ``coco`` for evaluation).
 Boxes are clipped to the image; boxes with zero or negative width or height after clipping are
 skipped, with one warning per dataset.
@@ -24,7 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from pycocotools.coco import COCO
 
 logger = logging.getLogger("sparsehead.data")
@@ -45,6 +53,8 @@ def _require(entry: Any, keys: tuple[str, ...], where: str) -> None:
 
 
 def _load_json(ann_file: str) -> dict:
+    if os.path.isdir(ann_file):
+        raise DatasetError(f"{ann_file}: is a directory; expected a COCO annotation JSON file")
     if not os.path.isfile(ann_file):
         raise DatasetError(f"{ann_file}: annotation file not found")
     try:
@@ -100,6 +110,14 @@ def _validate(data: dict, ann_file: str) -> None:
         ann.setdefault("area", float(bbox[2]) * float(bbox[3]))
 
 
+def load_annotations(ann_file: str) -> dict:
+    """A COCO annotation file, checked (``DatasetError`` naming the file and entry) and with the optional
+    fields (``area``, ``iscrowd``) filled in."""
+    data = _load_json(ann_file)
+    _validate(data, ann_file)
+    return data
+
+
 def _quiet_coco(data: dict) -> COCO:
     """Build a ``COCO`` index from an in-memory dict, routing its prints to the logger."""
     coco = COCO()
@@ -112,26 +130,97 @@ def _quiet_coco(data: dict) -> COCO:
     return coco
 
 
-def load_image(path: str) -> torch.Tensor:
-    """Read an image file as an RGB float tensor (3, H, W) in [0, 1].
+# Pixel formats of 16-bit single-channel files (PNG, TIFF); "I" is how PNG's 16-bit grayscale may open.
+_MODES_16BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+_EXIF_ORIENTATION = ExifTags.Base.Orientation
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
-    Grayscale, RGBA, palette and 16-bit images are converted to RGB (alpha is dropped).
+
+def _check_mode(img: Image.Image, path: str) -> None:
+    if img.mode in ("F",) or (img.mode == "I" and img.format != "PNG"):
+        raise DatasetError(
+            f"{path}: unsupported pixel format {img.mode!r} (32-bit integer or float, no known bit depth); "
+            "convert it to an 8- or 16-bit image"
+        )
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag read from the header (1 when absent)."""
+    if img.format == "PNG":  # PNG's getexif() decodes the whole file to look for a trailing eXIf chunk
+        exif = Image.Exif()
+        if img.info.get("exif"):
+            exif.load(img.info["exif"])
+    else:
+        exif = img.getexif()
+    value = exif.get(_EXIF_ORIENTATION, 1)
+    return value if isinstance(value, int) else 1
+
+
+def read_image_size(path: str) -> tuple[int, int]:
+    """(width, height) of the image file as displayed (EXIF orientation applied), from its header.
+
+    Raises ``DatasetError`` naming the file when it cannot be read or has an unsupported pixel format.
     """
     try:
         with Image.open(path) as img:
+            _check_mode(img, path)
+            width, height = img.size
+            if _orientation(img) in _TRANSPOSED:
+                width, height = height, width
+    except DatasetError:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"{path}: cannot read image ({e})") from e
+    return width, height
+
+
+def load_image(path: str) -> torch.Tensor:
+    """Read an image file as an RGB float tensor (3, H, W) in [0, 1], as displayed.
+
+    The EXIF orientation tag is applied. Grayscale, RGBA, palette and 16-bit images are converted to RGB
+    (alpha is dropped); 16-bit values are divided by 65535 whatever the image's content.
+    """
+    try:
+        with Image.open(path) as img:
+            _check_mode(img, path)
+            sixteen_bit = img.mode in _MODES_16BIT or img.mode == "I"  # "I" only for PNG (checked above)
             img.load()
-            if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            img = ImageOps.exif_transpose(img)
+            if sixteen_bit:
                 arr = np.asarray(img, dtype=np.float32)
-                scale = 65535.0 if arr.max() > 255 else 255.0
-                arr = np.clip(arr / scale, 0.0, 1.0)
+                arr = np.clip(arr / 65535.0, 0.0, 1.0)
                 return torch.from_numpy(np.ascontiguousarray(arr)).unsqueeze(0).expand(3, -1, -1).clone()
             if img.mode == "P" and "transparency" in img.info:
                 img = img.convert("RGBA")
             rgb = img.convert("RGB")
+    except DatasetError:
+        raise
     except (OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"{path}: cannot read image ({e})") from e
     arr = np.asarray(rgb, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def find_bad_images(data: dict, img_dir: str) -> dict[int, str]:
+    """Image id -> what is wrong, for every image of ``data`` whose file is missing, unreadable or of another
+    size (as displayed) than its ``width``/``height``. Reads each file's header only."""
+    bad = {}
+    for info in data["images"]:
+        path = os.path.join(img_dir, info["file_name"])
+        if not os.path.isfile(path):
+            bad[info["id"]] = f"{info['file_name']}: missing"
+            continue
+        try:
+            width, height = read_image_size(path)
+        except DatasetError as e:
+            bad[info["id"]] = f"{info['file_name']}: {str(e).removeprefix(path + ': ')}"
+            continue
+        if (width, height) != (info["width"], info["height"]):
+            bad[info["id"]] = (
+                f"{info['file_name']}: is {width}x{height} (EXIF orientation applied) but the annotation says "
+                f"{info['width']}x{info['height']}"
+            )
+    return bad
 
 
 def clip_boxes_xywh(bboxes: np.ndarray, width: float, height: float) -> np.ndarray:
@@ -151,6 +240,8 @@ class CocoDetection(torch.utils.data.Dataset):
         img_dir: directory holding the images named by ``file_name``.
         transforms: callable ``(image, target) -> (image, target)`` applied to each sample.
         train: training set; raises ``DatasetError`` if it has no usable box at all.
+        skip_bad_images: leave out (and count in ``num_skipped``) images that are missing, unreadable or of
+            another size than annotated, instead of raising ``DatasetError`` listing them.
 
     ``__getitem__(i)`` returns ``image`` (3, H, W) float in [0, 1] and ``target`` with ``boxes``
     (K, 4) float32 xyxy pixels, ``labels`` (K,) int64 and ``image_id`` (int). Images without
@@ -163,14 +254,34 @@ class CocoDetection(torch.utils.data.Dataset):
         img_dir: str,
         transforms: Callable | None = None,
         train: bool = False,
+        skip_bad_images: bool = False,
     ) -> None:
         self.ann_file = str(ann_file)
         self.img_dir = str(img_dir)
         self.transforms = transforms
         self.train = train
 
-        data = _load_json(self.ann_file)
-        _validate(data, self.ann_file)
+        data = load_annotations(self.ann_file)
+        if os.path.isdir(self.img_dir):
+            bad = find_bad_images(data, self.img_dir)
+        else:
+            raise DatasetError(f"{self.img_dir}: image directory not found")
+        if bad and not skip_bad_images:
+            lines = list(bad.values())
+            raise DatasetError(
+                f"{self.ann_file}: {len(bad)} of {len(data['images'])} image(s) in {self.img_dir} are bad: "
+                + "; ".join(lines[:20]) + (f"; ... ({len(lines) - 20} more)" if len(lines) > 20 else "")
+                + ". Fix them, or set data.skip_bad_images=true to leave them out"
+            )
+        self.num_skipped = len(bad)
+        self.skipped = sorted(bad.values())
+        if bad:
+            data["images"] = [i for i in data["images"] if i["id"] not in bad]
+            data["annotations"] = [a for a in data["annotations"] if a["image_id"] not in bad]
+            logger.warning(
+                "%s: skipped %d bad image(s) of %d (data.skip_bad_images), e.g. %s",
+                self.ann_file, len(bad), len(data["images"]) + len(bad), "; ".join(self.skipped[:5]),
+            )
         self.coco = _quiet_coco(data)
 
         self.cat_ids: list[int] = sorted(self.coco.getCatIds())
@@ -178,17 +289,6 @@ class CocoDetection(torch.utils.data.Dataset):
         self.num_classes = len(self.cat_ids)
         self.ids: list[int] = sorted(self.coco.imgs.keys())
         label_of = {c: i for i, c in enumerate(self.cat_ids)}
-
-        missing = [
-            self.coco.imgs[i]["file_name"]
-            for i in self.ids
-            if not os.path.isfile(os.path.join(self.img_dir, self.coco.imgs[i]["file_name"]))
-        ]
-        if missing:
-            raise DatasetError(
-                f"{self.ann_file}: {len(missing)} image file(s) listed but missing in {self.img_dir}, "
-                f"e.g. {missing[:5]}"
-            )
 
         self._boxes: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
@@ -214,7 +314,6 @@ class CocoDetection(torch.utils.data.Dataset):
             raise DatasetError(
                 f"{self.ann_file}: empty training set ({len(self.ids)} image(s), no usable non-crowd box)"
             )
-        self._size_warned = False
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -225,19 +324,11 @@ class CocoDetection(torch.utils.data.Dataset):
         image = load_image(os.path.join(self.img_dir, info["file_name"]))
         boxes, labels = self._boxes[index], self._labels[index]
         height, width = image.shape[1:]
-        if (width, height) != (info["width"], info["height"]):
-            if not self._size_warned:
-                logger.warning(
-                    "%s: image %s is %dx%d but the annotation says %dx%d; boxes are clipped to the "
-                    "actual size (warned once per dataset)",
-                    self.ann_file, info["file_name"], width, height, info["width"], info["height"],
-                )
-                self._size_warned = True
-            boxes = boxes.copy()
-            boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
-            boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
-            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-            boxes, labels = boxes[keep], labels[keep]
+        if (width, height) != (info["width"], info["height"]):  # the header said otherwise when checked
+            raise DatasetError(
+                f"{os.path.join(self.img_dir, info['file_name'])}: is {width}x{height} but the annotation says "
+                f"{info['width']}x{info['height']}"
+            )
         target: Target = {
             "boxes": torch.from_numpy(boxes.copy()).reshape(-1, 4),
             "labels": torch.from_numpy(labels.copy()),

@@ -20,6 +20,8 @@ __all__ = [
     "set_rng_state",
     "read_checkpoint",
     "load_model_weights",
+    "fill_num_classes",
+    "load_trained_model",
     "unwrap",
 ]
 
@@ -92,7 +94,8 @@ def load_model_weights(
     """Load detector weights strictly; a mismatch raises ``ValueError`` naming the keys.
 
     ``source`` is a path or an already-loaded object: a trainer checkpoint (``{"model": ...}``) or a
-    bare state dict. A ``module.`` prefix from DistributedDataParallel is removed.
+    bare state dict. A ``module.`` prefix from DistributedDataParallel is removed, and keys that the
+    model's ``load_state_dict`` pre-hooks rename (state dicts of earlier versions) are accepted.
     """
     name = name or str(source)
     obj = read_checkpoint(source) if not isinstance(source, dict) else source
@@ -105,6 +108,12 @@ def load_model_weights(
     unexpected = set(state) - set(own)
     shapes = {k for k in set(own) & set(state) if own[k].shape != state[k].shape}
     if missing or unexpected or shapes:
+        try:
+            # load_state_dict's pre-hooks rename the keys of earlier versions (see the heads' LEGACY_KEYS)
+            model.load_state_dict(state)
+            return
+        except RuntimeError:
+            pass
         parts = []
         if missing:
             parts.append(f"missing keys: {_fmt(missing)}")
@@ -120,3 +129,31 @@ def load_model_weights(
             + "; ".join(parts)
         )
     model.load_state_dict(state)
+
+
+def fill_num_classes(cfg: Any, checkpoint: Dict[str, Any], name: str) -> None:
+    """Set ``cfg.model.num_classes`` from the config a trainer checkpoint records when it is unset (None)."""
+    if cfg.model.num_classes is not None:
+        return
+    import yaml
+
+    saved = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    try:
+        num = (yaml.safe_load(saved) or {}).get("model", {}).get("num_classes") if isinstance(saved, str) else None
+    except (yaml.YAMLError, AttributeError):
+        num = None
+    if not isinstance(num, int) or num <= 0:
+        raise ValueError(f"model.num_classes is not set and {name} does not record it: pass model.num_classes=K")
+    cfg.model.num_classes = num
+
+
+def load_trained_model(cfg: Any, weights: PathLike) -> nn.Module:
+    """The detector ``cfg`` describes with the weights of ``weights`` (a trainer checkpoint or a state dict),
+    on the CPU; ``model.num_classes`` left unset is taken from the checkpoint's config."""
+    from sparsehead.modeling.build import build_model
+
+    checkpoint = read_checkpoint(weights)
+    fill_num_classes(cfg, checkpoint, str(weights))
+    model = build_model(cfg)
+    load_model_weights(model, checkpoint, name=str(weights))
+    return model

@@ -8,6 +8,7 @@ resumed at iteration ``i`` therefore sees exactly the batches the uninterrupted 
 """
 
 import random
+import signal
 from typing import Any, Dict, Iterator, List, Tuple
 
 import numpy as np
@@ -15,6 +16,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 __all__ = ["IterationBatchSampler", "SeededDataset", "build_train_loader", "build_test_loader"]
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker init: leave SIGINT and SIGTERM (sent to the whole process group by Ctrl-C and by
+    cluster schedulers) to the main process, which stops after the current iteration; the workers end when
+    the loader is shut down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 _MIX = 1_000_003
 
@@ -110,7 +119,8 @@ def build_train_loader(
 ) -> DataLoader:
     sampler = IterationBatchSampler(len(dataset), ims_per_batch, seed, start_iter, max_iter, rank, world_size)
     return DataLoader(
-        SeededDataset(dataset), batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers
+        SeededDataset(dataset), batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
+        worker_init_fn=ignore_stop_signals if num_workers else None,
     )
 
 
@@ -125,4 +135,7 @@ def build_test_loader(
     """In-order loader over this rank's share (``rank::world_size``) of ``dataset``."""
     shard = Subset(dataset, list(range(rank, len(dataset), world_size)))
     batch = max(1, ims_per_batch // world_size)
-    return DataLoader(shard, batch_size=batch, shuffle=False, collate_fn=collate_fn, num_workers=num_workers)
+    return DataLoader(
+        shard, batch_size=batch, shuffle=False, collate_fn=collate_fn, num_workers=num_workers,
+        worker_init_fn=ignore_stop_signals if num_workers else None,
+    )

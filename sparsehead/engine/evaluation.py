@@ -85,10 +85,15 @@ def evaluate(model: nn.Module, loader: DataLoader, dataset: Any, device: torch.d
     return metrics
 
 
+def _percent(value: float) -> str:
+    # pycocotools reports -1 where the ground truth has nothing to measure against
+    return f"{100 * value:.1f}" if value >= 0 else "n/a (no ground-truth box)"
+
+
 def format_summary(metrics: Dict[str, float]) -> str:
     """One line: AP figures in percent and the realised head GMACs."""
     return (
-        f"mAP {100 * metrics['bbox_mAP']:.1f} | AP50 {100 * metrics['bbox_mAP_50']:.1f} | "
-        f"AP75 {100 * metrics['bbox_mAP_75']:.1f} | head GMACs/img avg {metrics['head_gmacs_avg']:.3f} "
+        f"mAP {_percent(metrics['bbox_mAP'])} | AP50 {_percent(metrics['bbox_mAP_50'])} | "
+        f"AP75 {_percent(metrics['bbox_mAP_75'])} | head GMACs/img avg {metrics['head_gmacs_avg']:.3f} "
         f"(min {metrics['head_gmacs_min']:.3f}, max {metrics['head_gmacs_max']:.3f})"
     )

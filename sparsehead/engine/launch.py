@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -10,12 +11,12 @@ from omegaconf import DictConfig
 
 from sparsehead.config import ConfigError, load_config
 
-from .checkpoint import atomic_write_json, load_model_weights
+from .checkpoint import atomic_write_json, load_trained_model
 from .data import build_test_loader
 from .distributed import destroy_distributed, init_distributed, resolve_device, set_num_threads
 from .evaluation import evaluate, format_summary
 from .logger import setup_logging
-from .trainer import RunError, Trainer, build_datasets, prepare_data
+from .trainer import RunError, Stopped, Trainer, build_datasets, prepare_data
 
 # The evaluation tool's own file: a training run's ``metrics.json`` in the same folder is left as it is.
 EVAL_METRICS = "eval_metrics.json"
@@ -29,22 +30,35 @@ _USER_ERRORS = (ConfigError, RunError, FileNotFoundError, ValueError, FloatingPo
 
 
 def _fail(err: BaseException) -> "SystemExit":
-    logging.getLogger("sparsehead").error("%s", err)
+    """The exit with ``error: <message>`` on stderr; the message also goes to the run's log file, if open."""
+    record = logging.LogRecord("sparsehead", logging.ERROR, __file__, 0, "%s", (err,), None)
+    for handler in logging.getLogger("sparsehead").handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
     return SystemExit(f"error: {err}")
 
 
 def train_main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     """``train.py CONFIG [key=value ...] [--resume]``."""
     parser = argparse.ArgumentParser(
-        prog="train.py", description="Train an FCOS or RetinaNet detector with a plain, fixed or dynamic head."
+        description="Train an FCOS or RetinaNet detector with a plain, fixed or dynamic head."
     )
-    parser.add_argument("config", help="YAML config file (e.g. configs/demo.yaml)")
+    parser.add_argument("config", help="YAML config file, or the name of a packaged config (e.g. demo)")
     parser.add_argument("overrides", nargs="*", help="config overrides as dotted.key=value")
-    parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint.pth")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="continue from output_dir/checkpoint.pth with the saved run's settings (only solver.max_iter, "
+             "the periods, data locations, workers, threads and device may change)",
+    )
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         return Trainer(cfg, resume=args.resume).run()
+    except Stopped as e:  # the trainer logged "stopped at iteration N; resume with --resume"
+        raise SystemExit(128 + e.signum) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     except _USER_ERRORS as e:
         raise _fail(e) from None
     finally:
@@ -55,7 +69,6 @@ def run_evaluation(cfg: DictConfig, weights: str) -> Dict[str, float]:
     """Evaluate ``weights`` on ``cfg.data.val``; rank 0 writes ``output_dir/eval_metrics.json`` (replacing
     the previous evaluation's, never the training run's ``metrics.json``)."""
     from sparsehead.data import collate_fn
-    from sparsehead.modeling.build import build_model
 
     if not Path(weights).is_file():
         raise FileNotFoundError(f"--weights file not found: {weights}")
@@ -66,10 +79,9 @@ def run_evaluation(cfg: DictConfig, weights: str) -> Dict[str, float]:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     setup_logging(str(out), rank)
+    model = load_trained_model(cfg, weights)
     prepare_data(cfg, rank)
     val_set = build_datasets(cfg, train=False)["val"]
-    model = build_model(cfg)
-    load_model_weights(model, weights)
     model.to(device).eval()
     loader = build_test_loader(val_set, collate_fn, cfg.test.ims_per_batch, cfg.data.num_workers, rank, world)
     logger.info("Evaluating %s on %s (%d images)", weights, cfg.data.val.ann_file, len(val_set))
@@ -83,9 +95,9 @@ def run_evaluation(cfg: DictConfig, weights: str) -> Dict[str, float]:
 def eval_main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     """``eval.py CONFIG --weights CKPT [key=value ...]``."""
     parser = argparse.ArgumentParser(
-        prog="eval.py", description="Evaluate a detector: COCO AP and head GMACs."
+        description="Evaluate a detector: COCO AP and head GMACs."
     )
-    parser.add_argument("config", help="YAML config file the weights were trained with")
+    parser.add_argument("config", help="YAML config file the weights were trained with (or a packaged config's name)")
     parser.add_argument("overrides", nargs="*", help="config overrides as dotted.key=value")
     parser.add_argument("--weights", required=True, help="checkpoint.pth / model_final.pth or a state dict")
     args = parser.parse_intermixed_args(argv)

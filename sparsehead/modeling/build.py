@@ -7,13 +7,14 @@ without gates) or ``dynamic`` (gated routers).
 
 from typing import Any, Union
 
+import torch
 from torch import nn
 from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from .backbone import build_resnet_fpn_backbone
 
-__all__ = ["build_anchor_generator", "build_backbone", "build_head", "build_model"]
+__all__ = ["auto_threshold", "build_anchor_generator", "build_backbone", "build_head", "build_model", "device_type"]
 
 # FCOS predicts one box per location; RetinaNet three scales times three aspect ratios.
 FCOS_ANCHORS = 1
@@ -69,9 +70,34 @@ def build_head(cfg: Any, in_channels: int, num_anchors: int = FCOS_ANCHORS) -> n
     raise ValueError(f"unknown model.head.kind {h.kind!r}; choose plain, fixed or dynamic")
 
 
+def device_type(name: str) -> str:
+    """``cfg.device`` (``auto``, ``cpu`` or ``cuda``) as the device type the model will run on."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name).type
+
+
+def auto_threshold(cfg: Any) -> float:
+    """The active fraction up to which ``auto`` execution runs a gated path sparse: ``model.head.auto_threshold``
+    when set, else the crossover shipped with the package for ``cfg.device``'s type."""
+    if cfg.model.head.get("auto_threshold") is not None:
+        return float(cfg.model.head.auto_threshold)
+    from ..benchmark.crossover import load_crossover
+
+    return load_crossover(device=device_type(cfg.device))
+
+
 def build_model(cfg: Any) -> Union[FCOS, RetinaNet]:
-    """torchvision ``FCOS`` or ``RetinaNet`` with the configured backbone, head and post-processing."""
+    """torchvision ``FCOS`` or ``RetinaNet`` with the configured backbone, head and post-processing.
+
+    The routers' ``auto_threshold`` is set from :func:`auto_threshold`.
+    """
     m = cfg.model
+    if m.num_classes is None:
+        raise ValueError(
+            "model.num_classes is not set: it is inferred from the training annotations when training; "
+            "otherwise pass model.num_classes=K"
+        )
     backbone = build_backbone(cfg)
     common = dict(
         num_classes=m.num_classes,
@@ -85,8 +111,14 @@ def build_model(cfg: Any) -> Union[FCOS, RetinaNet]:
     if m.arch == "retinanet":
         anchors = build_anchor_generator(list(m.anchor_sizes))
         head = build_head(cfg, backbone.out_channels, anchors.num_anchors_per_location()[0])
-        return RetinaNet(backbone, anchor_generator=anchors, head=head, **common)
-    if m.arch != "fcos":
+        model = RetinaNet(backbone, anchor_generator=anchors, head=head, **common)
+    elif m.arch == "fcos":
+        head = build_head(cfg, backbone.out_channels)
+        model = FCOS(backbone, center_sampling_radius=m.center_sampling_radius, head=head, **common)
+    else:
         raise ValueError(f"unknown model.arch {m.arch!r}; choose fcos or retinanet")
-    head = build_head(cfg, backbone.out_channels)
-    return FCOS(backbone, center_sampling_radius=m.center_sampling_radius, head=head, **common)
+    if m.head.kind != "plain":
+        from ..benchmark.crossover import apply_crossover
+
+        apply_crossover(model.head, auto_threshold(cfg))
+    return model

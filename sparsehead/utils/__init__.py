@@ -1,4 +1,4 @@
 """Small helpers shared across the package."""
-from .file_io import atomic_write, default_mode
+from .file_io import DirectoryLock, LockedError, atomic_write, default_mode, remove_stale_temporaries
 
-__all__ = ["atomic_write", "default_mode"]
+__all__ = ["DirectoryLock", "LockedError", "atomic_write", "default_mode", "remove_stale_temporaries"]

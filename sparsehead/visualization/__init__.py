@@ -63,7 +63,6 @@ class VisualizeError(ValueError):
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="visualize.py",
         description="Draw detections, gate maps, work maps and the realised head cost of a dynamic head.",
     )
     parser.add_argument("config", help="YAML config the weights were trained with")
@@ -139,7 +138,7 @@ def val_dataset(cfg: Any) -> Any:
         raise FileNotFoundError(f"data.val.ann_file not found: {ann}")
     if not Path(img_dir).is_dir():
         raise FileNotFoundError(f"data.val.img_dir is not a directory: {img_dir}")
-    ds = CocoDetection(ann, img_dir, transforms=None, train=False)
+    ds = CocoDetection(ann, img_dir, transforms=None, train=False, skip_bad_images=cfg.data.skip_bad_images)
     if ds.num_classes != cfg.model.num_classes:
         raise VisualizeError(f"model.num_classes={cfg.model.num_classes} but data.val ({ann}) has "
                              f"{ds.num_classes} categories")
@@ -167,11 +166,9 @@ def _batches(args: argparse.Namespace, cfg: Any, files: list[Path], val: Any) ->
 
 
 def _load_model(cfg: Any, weights: str, device: torch.device) -> nn.Module:
-    from sparsehead.engine.checkpoint import load_model_weights
-    from sparsehead.modeling.build import build_model
+    from sparsehead.engine.checkpoint import load_trained_model
 
-    model = build_model(cfg)
-    load_model_weights(model, weights)
+    model = load_trained_model(cfg, weights)
     if not head_routers(model.head):
         raise VisualizeError(
             f"model.head.kind={cfg.model.head.kind!r} has no routers: there are no gate or work maps to draw"

@@ -178,3 +178,71 @@ def test_paper_configs(name, kind, routers, lam):
     assert (cfg.model.min_size, cfg.model.max_size, cfg.model.backbone.weights) == (800, 1333, "imagenet")
     assert cfg.model.backbone.depth == 50 and cfg.model.num_classes == 80
     assert cfg.output_dir.endswith(name)
+
+
+def test_explicit_data_paths_switch_the_generated_dataset_off(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    paths = ["data.train.ann_file=my/train.json", "data.train.img_dir=my/img",
+             "data.val.ann_file=my/val.json", "data.val.img_dir=my/img"]
+    cfg = load_config(DEFAULT_CONFIG, paths)  # demo.yaml enables data.synthetic
+    assert not cfg.data.synthetic.enabled
+    assert cfg.data.train.ann_file == str(tmp_path / "my" / "train.json")
+    assert cfg.data.val.img_dir == str(tmp_path / "my" / "img")
+    assert "switched off" in caplog.text
+    # one path alone: the others must be named, not silently taken from the generated dataset
+    with pytest.raises(ConfigError, match=r"data.train.img_dir, data.val.ann_file, data.val.img_dir must be set"):
+        load_config(DEFAULT_CONFIG, paths[:1])
+    # both asked for on the command line: a conflict
+    with pytest.raises(ConfigError, match="data.synthetic.enabled=true and data.train.ann_file"):
+        load_config(DEFAULT_CONFIG, ["data.synthetic.enabled=true", *paths])
+    # a saved run's config (synthetic on, paths pointing into its root) keeps the generated dataset
+    saved = load_config(DEFAULT_CONFIG, ["data.synthetic.root=ds"])
+    again = load_config(DEFAULT_CONFIG, [f"data.synthetic.root={saved.data.synthetic.root}",
+                                         f"data.train.ann_file={saved.data.train.ann_file}"])
+    assert again.data.synthetic.enabled
+
+
+def test_num_classes_unset_is_inferred_or_checked(tmp_path, base_yaml):
+    assert load_config(base_yaml).model.num_classes is None  # inferred from the annotations when training
+    assert load_config(base_yaml, ["model.num_classes=3"]).model.num_classes == 3
+    demo = load_config(DEFAULT_CONFIG, ["model.num_classes=null", "data.synthetic.num_classes=4"])
+    assert demo.model.num_classes == 4
+    with pytest.raises(ConfigError, match="model.num_classes"):
+        load_config(DEFAULT_CONFIG, ["model.num_classes=5", "data.synthetic.num_classes=4"])
+
+
+def _tiny_model_overrides():
+    return ["model.backbone.fpn_channels=32", "model.head.gn_groups=8", "model.head.num_routers=1",
+            "model.min_size=64", "model.max_size=64", "device=cpu"]
+
+
+@pytest.mark.parametrize("given", [None, 0.2])
+def test_auto_uses_the_shipped_crossover_unless_a_threshold_is_given(given):
+    from sparsehead.benchmark.crossover import load_crossover
+    from sparsehead.modeling.build import build_model
+    from sparsehead.modeling.router import Router
+
+    overrides = _tiny_model_overrides() + ["model.head.execution=auto"]
+    if given is not None:
+        overrides.append(f"model.head.auto_threshold={given}")
+    model = build_model(load_config(DEFAULT_CONFIG, overrides))
+    expected = given if given is not None else load_crossover(device="cpu")
+    thresholds = {m.auto_threshold for m in model.modules() if isinstance(m, Router)}
+    assert thresholds == {expected}
+    with pytest.raises(ConfigError, match="model.head.auto_threshold"):
+        load_config(DEFAULT_CONFIG, ["model.head.auto_threshold=1.5"])
+
+
+def test_packaged_config_by_name(tmp_path, monkeypatch):
+    from sparsehead.config import CONFIG_DIR, packaged_configs, resolve_config
+
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    assert "demo" in packaged_configs() and "fcos_R50_1x" in packaged_configs()
+    assert resolve_config("demo") == CONFIG_DIR / "demo.yaml" == resolve_config("demo.yaml")
+    assert load_config("demo").model.num_classes == load_config(CONFIGS / "demo.yaml").model.num_classes
+    assert load_config("fcos_R50_1x").model.num_classes == 80  # its _base_ is found beside it
+    local = _write(tmp_path / "demo.yaml", "output_dir: mine\ndata:\n  synthetic: {enabled: true}\n")
+    assert load_config("demo.yaml").output_dir == str(tmp_path / "mine")  # a file here wins
+    local.unlink()
+    with pytest.raises(ConfigError, match=r"config file not found: nodemo \(packaged configs: .*demo"):
+        load_config("nodemo")

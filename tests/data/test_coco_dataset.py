@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sparsehead.data import CocoDetection, DatasetError, build_transforms, collate_fn
+from sparsehead.data import CocoDetection, DatasetError, build_transforms, collate_fn, load_image
 
 
 def _write_image(path, size, mode="RGB", fmt=None):
@@ -183,24 +183,75 @@ def test_empty_training_set(tmp_path):
         CocoDetection(*args, train=True)
 
 
-def test_corrupt_image_raises_on_load(tmp_path):
+def test_bad_images_reported_together_before_use(tmp_path):
     ann_file, img_dir = _dataset(tmp_path)
     (tmp_path / "img" / "gray.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    ds = CocoDetection(ann_file, img_dir)
-    ds[0]
-    with pytest.raises(DatasetError, match="gray.png"):
-        ds[1]
+    (tmp_path / "img" / "photo.jpg").write_bytes(b"not an image at all")
+    _write_image(tmp_path / "img" / "pal.png", (21, 20), "P")  # annotated as 20x20
+    with pytest.raises(DatasetError) as err:
+        CocoDetection(ann_file, img_dir)
+    msg = str(err.value)
+    assert "3 of 5 image(s)" in msg and "data.skip_bad_images=true" in msg
+    assert "gray.png: cannot read image" in msg and "photo.jpg: cannot read image" in msg
+    assert "pal.png: is 21x20" in msg and "says 20x20" in msg
 
 
-def test_actual_size_differs_from_annotation(tmp_path, caplog):
+def test_skip_bad_images_counts_and_drops_their_annotations(tmp_path, caplog):
+    ann_file, img_dir = _dataset(tmp_path)
+    (tmp_path / "img" / "gray.png").write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING, logger="sparsehead.data"):
+        ds = CocoDetection(ann_file, img_dir, skip_bad_images=True)
+    assert ds.num_skipped == 1 and len(ds) == 4 and ds.skipped[0].startswith("gray.png")
+    assert 11 not in ds.coco.imgs and all(a["image_id"] != 11 for a in ds.coco.dataset["annotations"])
+    assert sum("skipped 1 bad image" in r.getMessage() for r in caplog.records) == 1
+    for i in range(len(ds)):
+        ds[i]
+
+
+def test_actual_size_differs_from_annotation_is_an_error(tmp_path):
     images = [{"id": 1, "file_name": "a.png", "width": 20, "height": 20}]
     anns = [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [5, 5, 15, 15]}]
     ann_file, img_dir = _dataset(tmp_path, images=images, annotations=anns)
     _write_image(tmp_path / "img" / "a.png", (12, 16))
-    ds = CocoDetection(ann_file, img_dir)
-    with caplog.at_level(logging.WARNING, logger="sparsehead.data"):
-        image, target = ds[0]
-        ds[0]
-    assert image.shape == (3, 16, 12)
-    assert target["boxes"].tolist() == [[5.0, 5.0, 12.0, 16.0]]
-    assert len([r for r in caplog.records if "annotation says" in r.getMessage()]) == 1
+    with pytest.raises(DatasetError, match=r"a\.png: is 12x16 .* annotation says 20x20"):
+        CocoDetection(ann_file, img_dir)
+
+
+@pytest.mark.parametrize("orientation", [6, 8, 3])
+def test_exif_orientation_applied(tmp_path, orientation):
+    # A picture as displayed: 30 wide, 20 high, a bright square at x 2..8, y 3..9. Stored rotated/flipped
+    # with the EXIF tag that tells viewers how to turn it back.
+    shown = np.zeros((20, 30, 3), np.uint8)
+    shown[3:9, 2:8] = 255
+    stored_of = {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270, 3: Image.Transpose.ROTATE_180}
+    stored = Image.fromarray(shown).transpose(stored_of[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    img_dir = tmp_path / "img"
+    img_dir.mkdir()
+    stored.save(img_dir / "p.jpg", quality=100, exif=exif)
+    images = [{"id": 1, "file_name": "p.jpg", "width": 30, "height": 20}]
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 3, 6, 6]}]
+    (tmp_path / "a.json").write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "x"}]}))
+    image, target = CocoDetection(str(tmp_path / "a.json"), str(img_dir))[0]
+    assert image.shape == (3, 20, 30)
+    x0, y0, x1, y1 = target["boxes"][0].int().tolist()
+    inside = image[:, y0:y1, x0:x1].mean().item()
+    assert inside > 0.9 and image.mean().item() < 0.1  # the box covers the bright square
+
+
+def test_16bit_png_scaled_by_bit_depth(tmp_path):
+    for name, peak in (("dark.png", 200), ("bright.png", 60000)):
+        arr = np.full((4, 5), peak // 2, np.uint16)
+        arr[0, 0] = peak
+        Image.fromarray(arr).save(tmp_path / name)
+        img = load_image(str(tmp_path / name))
+        assert img.shape == (3, 4, 5)
+        assert img[0, 0, 0].item() == pytest.approx(peak / 65535, rel=1e-6)
+        assert img[0, 1, 1].item() == pytest.approx((peak // 2) / 65535, rel=1e-6)
+
+
+def test_annotation_file_that_is_a_directory(tmp_path):
+    with pytest.raises(DatasetError, match="is a directory"):
+        CocoDetection(str(tmp_path), str(tmp_path))

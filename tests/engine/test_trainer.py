@@ -19,15 +19,6 @@ pytestmark = pytest.mark.slow
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
-@pytest.fixture(scope="module")
-def dataset_root(tmp_path_factory):
-    from sparsehead.data import ensure_dataset
-
-    root = tmp_path_factory.mktemp("data") / "synthetic"
-    ensure_dataset(root, num_train=8, num_val=4, image_size=64, num_classes=3, seed=0)
-    return root
-
-
 def tiny_overrides(root: Path, out: Path, **extra) -> list:
     opts = {
         "output_dir": out,

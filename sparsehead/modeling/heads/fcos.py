@@ -7,15 +7,15 @@ exactly ``cls_logits`` (N, HWA, K), ``bbox_regression`` (N, HWA, 4) and ``bbox_c
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection.fcos import FCOSHead
 
-from ..cost import collect_cost, conv_macs_per_pixel, dense_cost
-from ..tower import DynamicTower, ExecutionMixin
+from ..cost import conv_macs_per_pixel, dense_cost
+from ..tower import DynamicTower
+from .towers import DynamicHeadMixin, check_head_args
 
 __all__ = ["FCOSDynamicHead", "FCOSPlainHead", "flatten_level"]
 
@@ -26,7 +26,7 @@ def flatten_level(x: Tensor, size: int) -> Tensor:
     return x.view(n, -1, size, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, size)
 
 
-class FCOSDynamicHead(ExecutionMixin, FCOSHead):
+class FCOSDynamicHead(DynamicHeadMixin, FCOSHead):
     """FCOS head with two dynamic towers (classification, regression); centerness on regression.
 
     Args:
@@ -44,9 +44,23 @@ class FCOSDynamicHead(ExecutionMixin, FCOSHead):
         num_levels: pyramid levels (5 for P3–P7).
         cls_tower, reg_tower: towers to use instead of building them from the arguments above.
 
-    Prediction convs are dense 3×3; box regression is ``relu(scale_l * conv(x))`` with a learnable scale
-    per level (torchvision's box coder multiplies by the stride).
+    It is torchvision's :class:`~torchvision.models.detection.fcos.FCOSHead` with ``num_convs=0``: its
+    sub-heads hold the dense 3×3 prediction convs (``classification_head.cls_logits``,
+    ``regression_head.bbox_reg`` and ``regression_head.bbox_ctrness``), its box coder and ``compute_loss``
+    are used as they are, and the two towers run in front of the sub-heads over the whole pyramid (their
+    scale paths mix neighbouring levels, so they cannot be the sub-heads' per-level ``conv``). Box
+    regression is ``relu(scale_l * bbox_reg(x))`` with a learnable scale per level (``scales``).
+
+    State dicts written before the prediction convs moved into the sub-heads (keys ``cls_logits.*``,
+    ``bbox_reg.*``, ``bbox_ctrness.*``) load unchanged: they are renamed on load.
     """
+
+    # Keys of the prediction convs before they moved into torchvision's sub-heads -> their keys now.
+    LEGACY_KEYS = {
+        "cls_logits.": "classification_head.cls_logits.",
+        "bbox_reg.": "regression_head.bbox_reg.",
+        "bbox_ctrness.": "regression_head.bbox_ctrness.",
+    }
 
     def __init__(
         self,
@@ -66,64 +80,37 @@ class FCOSDynamicHead(ExecutionMixin, FCOSHead):
         cls_tower: Optional[DynamicTower] = None,
         reg_tower: Optional[DynamicTower] = None,
     ) -> None:
-        nn.Module.__init__(self)
-        if budget_weight < 0:
-            raise ValueError(f"budget_weight must be >= 0, got {budget_weight}")
-        self.box_coder = FCOSHead(1, 1, 1, 0).box_coder  # torchvision's coder, reused by compute_loss
+        check_head_args(budget_weight, prior_prob)
+        super().__init__(in_channels, num_anchors, num_classes, num_convs=0)
         self.num_classes = num_classes
         self.num_anchors = num_anchors
-        self.gated = gated
-        self.budget_weight = budget_weight
-
-        def make_tower() -> DynamicTower:
-            return DynamicTower(
-                in_channels, num_routers, ndim=2, tau=tau, num_levels=num_levels, gated=gated,
-                gate_activation=gate_activation, gate_init=gate_init, gn_groups=gn_groups, execution=execution,
-            )
-
-        self.cls_tower = cls_tower if cls_tower is not None else make_tower()
-        self.reg_tower = reg_tower if reg_tower is not None else make_tower()
-        self.cls_logits = nn.Conv2d(in_channels, num_anchors * num_classes, 3, padding=1)
-        self.bbox_reg = nn.Conv2d(in_channels, num_anchors * 4, 3, padding=1)
-        self.bbox_ctrness = nn.Conv2d(in_channels, num_anchors, 3, padding=1)
         self.scales = nn.Parameter(torch.ones(num_levels))
-        for conv in (self.cls_logits, self.bbox_reg, self.bbox_ctrness):
-            nn.init.normal_(conv.weight, std=0.01)
-            nn.init.zeros_(conv.bias)
-        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
-        self.last_cost = None
+        self._add_towers(
+            in_channels, num_routers, gated, budget_weight, prior_prob, cls_tower, reg_tower, tau=tau,
+            num_levels=num_levels, gate_activation=gate_activation, gate_init=gate_init, gn_groups=gn_groups,
+            execution=execution,
+        )
 
     def _predictor_macs(self) -> int:
-        return sum(c.in_channels * c.out_channels * 9 for c in (self.cls_logits, self.bbox_reg, self.bbox_ctrness))
+        convs = (self.classification_head.cls_logits, self.regression_head.bbox_reg, self.regression_head.bbox_ctrness)
+        return sum(c.in_channels * c.out_channels * 9 for c in convs)
 
     def forward(self, x: list[Tensor]) -> dict[str, Tensor]:
+        """FPN maps (N, C, H_l, W_l), finest first → ``cls_logits`` (N, ΣHWA, K), ``bbox_regression``
+        (N, ΣHWA, 4) and ``bbox_ctrness`` (N, ΣHWA, 1)."""
         cls_feats = self.cls_tower(x)
         reg_feats = self.reg_tower(x)
-        logits, boxes, ctrness = [], [], []
-        for level, (c, r) in enumerate(zip(cls_feats, reg_feats)):
-            logits.append(flatten_level(self.cls_logits(c), self.num_classes))
-            boxes.append(flatten_level(torch.relu(self.scales[level] * self.bbox_reg(r)), 4))
-            ctrness.append(flatten_level(self.bbox_ctrness(r), 1))
+        reg = self.regression_head
+        boxes, ctrness = [], []
+        for level, r in enumerate(reg_feats):
+            boxes.append(flatten_level(torch.relu(self.scales[level] * reg.bbox_reg(r)), 4))
+            ctrness.append(flatten_level(reg.bbox_ctrness(r), 1))
         self.last_cost = dense_cost(x, self._predictor_macs())
         return {
-            "cls_logits": torch.cat(logits, dim=1),
+            "cls_logits": self.classification_head(cls_feats),
             "bbox_regression": torch.cat(boxes, dim=1),
             "bbox_ctrness": torch.cat(ctrness, dim=1),
         }
-
-    def compute_loss(
-        self,
-        targets: list[dict[str, Tensor]],
-        head_outputs: dict[str, Tensor],
-        anchors: list[Tensor],
-        matched_idxs: list[Tensor],
-    ) -> dict[str, Tensor]:
-        losses = super().compute_loss(targets, head_outputs, anchors, matched_idxs)
-        if self.gated:
-            cost = collect_cost(self.cls_tower) + collect_cost(self.reg_tower)
-            losses["loss_budget"] = cost.budget_loss(self.budget_weight)
-        return losses
-
 
 class FCOSPlainHead(FCOSHead):
     """torchvision's FCOS head (the paper's "D2" baseline) that records its cost like the others."""

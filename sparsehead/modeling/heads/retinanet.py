@@ -8,49 +8,20 @@ box loss on the encoded deltas), plus ``loss_budget`` when the towers are gated.
 """
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
-from torchvision.models.detection import _utils as det_utils
-from torchvision.models.detection.retinanet import (
-    RetinaNetClassificationHead,
-    RetinaNetHead,
-    RetinaNetRegressionHead,
-)
+from torchvision.models.detection.retinanet import RetinaNetHead
 
-from ..cost import collect_cost, conv_macs_per_pixel, dense_cost
-from ..tower import DynamicTower, ExecutionMixin
-from .fcos import flatten_level
+from ..cost import conv_macs_per_pixel, dense_cost
+from ..tower import DynamicTower
+from .towers import DynamicHeadMixin, check_head_args
 
 __all__ = ["RetinaNetDynamicHead", "RetinaNetPlainHead"]
 
 
-class _ClassificationLoss(nn.Module):
-    """Parameter-free stand-in for torchvision's classification head: its ``compute_loss`` only."""
-
-    BETWEEN_THRESHOLDS = det_utils.Matcher.BETWEEN_THRESHOLDS
-    compute_loss = RetinaNetClassificationHead.compute_loss
-
-    def __init__(self, num_classes: int) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-
-
-class _RegressionLoss(nn.Module):
-    """Parameter-free stand-in for torchvision's regression head: its ``compute_loss`` only."""
-
-    compute_loss = RetinaNetRegressionHead.compute_loss
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.box_coder = det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
-        self._loss_type = "l1"
-
-
-class RetinaNetDynamicHead(ExecutionMixin, RetinaNetHead):
+class RetinaNetDynamicHead(DynamicHeadMixin, RetinaNetHead):
     """RetinaNet head with a dynamic classification tower and a dynamic regression tower.
 
     Args:
@@ -68,9 +39,19 @@ class RetinaNetDynamicHead(ExecutionMixin, RetinaNetHead):
         num_levels: pyramid levels (5 for P3–P7).
         cls_tower, reg_tower: towers to use instead of building them from the arguments above.
 
-    Prediction convs are dense 3×3: ``cls_logits`` (C → A·K) and ``bbox_reg`` (C → A·4); their cost is
-    recorded in ``last_cost`` at every pixel of every level.
+    It is torchvision's :class:`~torchvision.models.detection.retinanet.RetinaNetHead`: its sub-heads'
+    ``forward`` and ``compute_loss`` run as they are, with the sub-heads' per-level ``conv`` stacks
+    replaced by the two towers, which run in front of them over the whole pyramid (their scale paths mix
+    neighbouring levels). The sub-heads hold the dense 3×3 prediction convs ``classification_head.cls_logits``
+    (C → A·K) and ``regression_head.bbox_reg`` (C → A·4); their cost is recorded in ``last_cost`` at every
+    pixel of every level.
+
+    State dicts written before the prediction convs moved into the sub-heads (keys ``cls_logits.*`` and
+    ``bbox_reg.*``) load unchanged: they are renamed on load.
     """
+
+    # Keys of the prediction convs before they moved into torchvision's sub-heads -> their keys now.
+    LEGACY_KEYS = {"cls_logits.": "classification_head.cls_logits.", "bbox_reg.": "regression_head.bbox_reg."}
 
     def __init__(
         self,
@@ -90,60 +71,30 @@ class RetinaNetDynamicHead(ExecutionMixin, RetinaNetHead):
         cls_tower: Optional[DynamicTower] = None,
         reg_tower: Optional[DynamicTower] = None,
     ) -> None:
-        nn.Module.__init__(self)
-        if budget_weight < 0:
-            raise ValueError(f"budget_weight must be >= 0, got {budget_weight}")
-        if not 0.0 < prior_prob < 1.0:
-            raise ValueError(f"prior_prob must lie in (0, 1), got {prior_prob}")
+        check_head_args(budget_weight, prior_prob)
+        super().__init__(in_channels, num_anchors, num_classes)
+        # torchvision's sub-heads always build four per-level convs; the towers take their place.
+        self.classification_head.conv = nn.Sequential()
+        self.regression_head.conv = nn.Sequential()
         self.num_classes = num_classes
         self.num_anchors = num_anchors
-        self.gated = gated
-        self.budget_weight = budget_weight
-        # torchvision's RetinaNetHead.compute_loss calls these two; they hold no parameters.
-        self.classification_head = _ClassificationLoss(num_classes)
-        self.regression_head = _RegressionLoss()
-
-        def make_tower() -> DynamicTower:
-            return DynamicTower(
-                in_channels, num_routers, ndim=2, tau=tau, num_levels=num_levels, gated=gated,
-                gate_activation=gate_activation, gate_init=gate_init, gn_groups=gn_groups, execution=execution,
-            )
-
-        self.cls_tower = cls_tower if cls_tower is not None else make_tower()
-        self.reg_tower = reg_tower if reg_tower is not None else make_tower()
-        self.cls_logits = nn.Conv2d(in_channels, num_anchors * num_classes, 3, padding=1)
-        self.bbox_reg = nn.Conv2d(in_channels, num_anchors * 4, 3, padding=1)
-        for conv in (self.cls_logits, self.bbox_reg):
-            nn.init.normal_(conv.weight, std=0.01)
-            nn.init.zeros_(conv.bias)
-        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
-        self.last_cost = None
+        self._add_towers(
+            in_channels, num_routers, gated, budget_weight, prior_prob, cls_tower, reg_tower, tau=tau,
+            num_levels=num_levels, gate_activation=gate_activation, gate_init=gate_init, gn_groups=gn_groups,
+            execution=execution,
+        )
 
     def _predictor_macs(self) -> int:
-        return sum(c.in_channels * c.out_channels * 9 for c in (self.cls_logits, self.bbox_reg))
+        convs = (self.classification_head.cls_logits, self.regression_head.bbox_reg)
+        return sum(c.in_channels * c.out_channels * 9 for c in convs)
 
     def forward(self, x: list[Tensor]) -> dict[str, Tensor]:
         """FPN maps (N, C, H_l, W_l), finest first → ``cls_logits`` (N, ΣHWA, K), ``bbox_regression`` (N, ΣHWA, 4)."""
+        # torchvision's RetinaNetHead.forward feeds both sub-heads the same maps; here each gets its tower's.
         cls_feats = self.cls_tower(x)
         reg_feats = self.reg_tower(x)
-        logits = [flatten_level(self.cls_logits(c), self.num_classes) for c in cls_feats]
-        boxes = [flatten_level(self.bbox_reg(r), 4) for r in reg_feats]
         self.last_cost = dense_cost(x, self._predictor_macs())
-        return {"cls_logits": torch.cat(logits, dim=1), "bbox_regression": torch.cat(boxes, dim=1)}
-
-    def compute_loss(
-        self,
-        targets: list[dict[str, Tensor]],
-        head_outputs: dict[str, Tensor],
-        anchors: list[Tensor],
-        matched_idxs: list[Tensor],
-    ) -> dict[str, Tensor]:
-        losses = super().compute_loss(targets, head_outputs, anchors, matched_idxs)
-        if self.gated:
-            cost = collect_cost(self.cls_tower) + collect_cost(self.reg_tower)
-            losses["loss_budget"] = cost.budget_loss(self.budget_weight)
-        return losses
-
+        return {"cls_logits": self.classification_head(cls_feats), "bbox_regression": self.regression_head(reg_feats)}
 
 class RetinaNetPlainHead(RetinaNetHead):
     """torchvision's RetinaNet head (four 3×3 convs per tower) that records its cost like the others.
