@@ -48,7 +48,6 @@ from ..layers.sparse import (
     dilate,
     flat_index,
     gather_conv,
-    import_spconv,
     mask_indices,
     to_rows,
 )
@@ -56,6 +55,7 @@ from ..modeling.cost import collect_cost
 from ..modeling.router import DepthPath, Router, default_rulebook
 from ..modeling.tower import DynamicTower, set_execution
 from ..utils.file_io import atomic_write
+from ..utils.optional import import_spconv
 from .crossover import CrossoverError, apply_crossover, crossover_from_rows, load_crossover, save_crossover
 from .patterns import blob_mask, fixed_gates, random_mask
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils.optional import import_spconv
+
 __all__ = [
     "SparseConvWeight",
     "conv_algo",
@@ -35,22 +37,12 @@ __all__ = [
     "flat_index",
     "mask_indices",
     "dilate",
-    "import_spconv",
 ]
-
-
-def import_spconv():
-    """The ``spconv.pytorch`` module; only the paths that run spconv need it."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # spconv 2.3.x warns about deprecated torch APIs at import
-        import spconv.pytorch as spconv
-    return spconv
 
 
 def conv_algo(device: torch.device):
     """spconv algorithm for tensors on ``device``: Native on CPU, MaskImplicitGemm on CUDA."""
+    import_spconv()
     from spconv.core import ConvAlgo
 
     return ConvAlgo.MaskImplicitGemm if device.type == "cuda" else ConvAlgo.Native

@@ -48,7 +48,8 @@ from ..layers.gates import SpatialGate, expand_gate, rows_taps
 from ..layers.norm import MaskedGroupNorm, group_norm_rows
 from ..layers.resample import RESAMPLE_MODES
 from ..layers.sites import SiteLayout, SiteRows
-from ..layers.sparse import SparseConvWeight, depthwise_rows, gather_conv, import_spconv, to_rows
+from ..layers.sparse import SparseConvWeight, depthwise_rows, gather_conv, to_rows
+from ..utils.optional import import_spconv
 from .cost import Cost
 
 __all__ = ["Router", "DepthPath", "ScaleUnit", "EXECUTION_MODES", "default_rulebook"]
