@@ -48,6 +48,8 @@ class HeadConfig:
     execution: str = "sparse"  # dense | sparse | auto: gated paths at evaluation (and training by default)
     # auto: a path runs sparse when its active fraction is at most this; null: the crossover shipped for the device
     auto_threshold: Optional[float] = None
+    resample: str = "pool"  # pool | bilinear (the paper's reference): resampling between pyramid levels
+    scale_bias: bool = False  # a bias in the scale units' depthwise convs (the paper's reference has one)
     train_execution: str = ""  # "" (same as execution) | dense | sparse | auto: used while training
     gn_groups: int = 32
     prior_prob: float = 0.01

@@ -41,8 +41,11 @@ def head_cost(model: nn.Module) -> Optional[Any]:
 def evaluate(model: nn.Module, loader: DataLoader, dataset: Any, device: torch.device) -> Dict[str, float]:
     """Run ``model`` over ``loader`` (this rank's share of ``dataset``) and gather all ranks' results.
 
-    Returns the AP metrics of :class:`sparsehead.evaluation.CocoEvaluator` (fractions) and
-    ``head_gmacs_{avg,min,max}`` (realised head GMACs per image); all ranks get the same dict.
+    Returns the AP metrics of :class:`sparsehead.evaluation.CocoEvaluator` (fractions),
+    ``head_gmacs_{avg,min,max}`` (realised head GMACs per image, 1e9 MACs) and, for gated heads,
+    ``head_gflops_paper{,_min,_max}`` (the same in the paper's convention: towers' gated paths only,
+    MACs / 2^30, see docs/paper_flops.md); all ranks get the same dict. An image's cost counts its own
+    pixels, not the batch's padding.
     """
     from sparsehead.evaluation import CocoEvaluator
 
@@ -59,7 +62,10 @@ def evaluate(model: nn.Module, loader: DataLoader, dataset: Any, device: torch.d
             outputs = net(images)
             cost = head_cost(net)
             if cost is not None:
-                gmacs.extend((cost.realized.detach().double().cpu() / 1e9).tolist())
+                ours = (cost.realized.detach().double().cpu() / 1e9).tolist()
+                paper = [math.nan] * len(ours) if cost.paper is None else (
+                    cost.paper.realized.detach().double().cpu() / 2**30).tolist()
+                gmacs.extend(zip(ours, paper))
             evaluator.update(
                 {
                     t["image_id"]: {k: o[k].detach().cpu() for k in ("boxes", "scores", "labels")}
@@ -77,9 +83,15 @@ def evaluate(model: nn.Module, loader: DataLoader, dataset: Any, device: torch.d
             evaluator.extend(results)
             gmacs.extend(costs)
     metrics = {k: float(v) for k, v in evaluator.summarize().items()}
-    metrics["head_gmacs_avg"] = sum(gmacs) / len(gmacs) if gmacs else math.nan
-    metrics["head_gmacs_min"] = min(gmacs) if gmacs else math.nan
-    metrics["head_gmacs_max"] = max(gmacs) if gmacs else math.nan
+    ours = [g for g, _ in gmacs]
+    metrics["head_gmacs_avg"] = sum(ours) / len(ours) if ours else math.nan
+    metrics["head_gmacs_min"] = min(ours) if ours else math.nan
+    metrics["head_gmacs_max"] = max(ours) if ours else math.nan
+    paper = [p for _, p in gmacs if not math.isnan(p)]
+    if paper:  # gated towers only
+        metrics["head_gflops_paper"] = sum(paper) / len(paper)
+        metrics["head_gflops_paper_min"] = min(paper)
+        metrics["head_gflops_paper_max"] = max(paper)
     metrics["num_images"] = len(gmacs)
     logger.info("Evaluated %d images in %.1fs", len(gmacs), time.perf_counter() - start)
     return metrics

@@ -171,10 +171,10 @@ class SiteLayout:
             self._cache[key] = oh
         return self._cache[key]
 
-    def per_image(self, values: torch.Tensor) -> torch.Tensor:
-        """Sums (N, X) over the sites of each image of per-row ``values`` (R, X)."""
+    def per_level_image(self, values: torch.Tensor) -> torch.Tensor:
+        """Sums (L, N, X) over the sites of each level and image of per-row ``values`` (R, X)."""
         sums = self.onehot(values.dtype, sites_only=True).t() @ values  # (S, X): level-major segments
-        return sums.view(self.num_levels, self.batch, -1).sum(dim=0)
+        return sums.view(self.num_levels, self.batch, -1)
 
     def segment_mean(self, values: torch.Tensor) -> torch.Tensor:
         """Each row replaced by the mean of ``values`` (R, G) over the sites of its segment: (R, G)."""

@@ -13,6 +13,7 @@ from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from .backbone import build_resnet_fpn_backbone
+from .valid_region import track_image_sizes
 
 __all__ = ["auto_threshold", "build_anchor_generator", "build_backbone", "build_head", "build_model", "device_type"]
 
@@ -66,6 +67,8 @@ def build_head(cfg: Any, in_channels: int, num_anchors: int = FCOS_ANCHORS) -> n
             execution=h.execution,
             gn_groups=h.gn_groups,
             prior_prob=h.prior_prob,
+            resample=h.resample,
+            scale_bias=h.scale_bias,
         )
     raise ValueError(f"unknown model.head.kind {h.kind!r}; choose plain, fixed or dynamic")
 
@@ -121,4 +124,5 @@ def build_model(cfg: Any) -> Union[FCOS, RetinaNet]:
         from ..benchmark.crossover import apply_crossover
 
         apply_crossover(model.head, auto_threshold(cfg))
+    track_image_sizes(model)  # the head runs (and counts) each image's own pixels of a padded batch
     return model

@@ -13,20 +13,30 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["Cost", "collect_cost", "conv_macs_per_pixel", "dense_cost"]
+__all__ = ["Cost", "CONVENTIONS", "collect_cost", "conv_macs_per_pixel", "dense_cost"]
+
+
+CONVENTIONS = ("sparsehead", "paper")
 
 
 @dataclass
 class Cost:
-    """Soft, realised and full MACs per image, each a tensor of shape (N,)."""
+    """Soft, realised and full MACs per image, each a tensor of shape (N,).
+
+    ``paper``: the same three in the paper's reference convention (gated towers only: no gate or
+    prediction convs, a scale unit counted as 19·C MACs per pixel at every level; see docs/paper_flops.md),
+    where the module that recorded it can tell; None otherwise.
+    """
 
     soft: torch.Tensor
     realized: torch.Tensor
     full: torch.Tensor
+    paper: Optional[Cost] = None
 
     @staticmethod
     def zeros(batch_size: int, device: torch.device | str | None = None) -> Cost:
@@ -36,7 +46,9 @@ class Cost:
     def __add__(self, other: Cost) -> Cost:
         if self.soft.shape != other.soft.shape:
             raise ValueError(f"cannot add costs of batch sizes {self.soft.shape[0]} and {other.soft.shape[0]}")
-        return Cost(self.soft + other.soft, self.realized + other.realized, self.full + other.full)
+        papers = [c.paper for c in (self, other) if c.paper is not None]
+        paper = papers[0] + papers[1] if len(papers) == 2 else (papers[0] if papers else None)
+        return Cost(self.soft + other.soft, self.realized + other.realized, self.full + other.full, paper)
 
     @property
     def ratio(self) -> torch.Tensor:
@@ -48,19 +60,30 @@ class Cost:
         return lam * (self.soft / self.full.clamp_min(1.0)).mean()
 
 
-def collect_cost(module: nn.Module) -> Cost:
+def collect_cost(module: nn.Module, convention: str = "sparsehead") -> Cost:
     """Sum the ``last_cost`` of ``module`` and its submodules after a forward.
+
+    ``convention``: ``sparsehead`` (every MAC of the head's work: gated paths, gate convs, prediction convs)
+    or ``paper`` (the paper's reference code: the gated towers' paths only, see :class:`Cost`), to compare
+    with the paper's tables.
 
     Raises:
         RuntimeError: if no submodule has recorded a cost (the module has not run yet, or does no
-            counted work).
+            counted work), or none in the paper's convention (a plain head).
+        ValueError: an unknown convention.
     """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     costs = [m.last_cost for m in module.modules() if getattr(m, "last_cost", None) is not None]
     if not costs:
         raise RuntimeError(f"{type(module).__name__} has recorded no cost: run a forward pass first")
     total = costs[0]
     for cost in costs[1:]:
         total = total + cost
+    if convention == "paper":
+        if total.paper is None:
+            raise RuntimeError(f"{type(module).__name__} has no cost in the paper's convention (no gated towers)")
+        return total.paper
     return total
 
 
@@ -75,8 +98,23 @@ def conv_macs_per_pixel(module: nn.Module) -> int:
     return macs
 
 
-def dense_cost(features: list[torch.Tensor] | tuple[torch.Tensor, ...], macs_per_pixel: int) -> Cost:
-    """Cost of ungated work of ``macs_per_pixel`` at every pixel of every level (N, C, *spatial)."""
-    pixels = sum(x[0, 0].numel() for x in features)
-    full = torch.full((features[0].shape[0],), float(pixels * macs_per_pixel), device=features[0].device)
+def dense_cost(
+    features: list[torch.Tensor] | tuple[torch.Tensor, ...], macs_per_pixel: int,
+    valid_sizes: Optional[Sequence[Sequence[int]]] = None,
+) -> Cost:
+    """Cost of ungated work of ``macs_per_pixel`` at every pixel of every level (N, C, *spatial); with
+    ``valid_sizes`` (each image's size at the first level, see :mod:`sparsehead.modeling.valid_region`) at
+    each image's own pixels only."""
+    n = features[0].shape[0]
+    if valid_sizes is None:
+        pixels = [sum(x[0, 0].numel() for x in features)] * n
+    else:
+        pixels = []
+        for size in valid_sizes:
+            total, size = 0, list(size)
+            for x in features:
+                total += math.prod(min(a, b) for a, b in zip(size, x.shape[2:]))
+                size = [(s + 1) // 2 for s in size]
+            pixels.append(total)
+    full = torch.tensor([float(p * macs_per_pixel) for p in pixels], device=features[0].device)
     return Cost(full, full.clone(), full.clone())

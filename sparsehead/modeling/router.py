@@ -168,7 +168,7 @@ class Router(nn.Module):
     :mod:`sparsehead.modeling.cost`). With ``keep_gates = True`` it also keeps the gates it computed,
     detached, in ``last_gates``: ``{"down": {source_level: gates}, "up": {...}, "depth": {level: ...}}``
     (a "down" unit at level l feeds level l + 1, an "up" unit feeds l - 1), each (N, G, *spatial) on maps
-    and (R_l, G) on voxels.
+    and (R_l, G) on voxels, and ``"sites": {level: (N, 1, *spatial) bool}`` (False on batch padding).
     """
 
     def __init__(
@@ -247,7 +247,9 @@ class Router(nn.Module):
         # The units that exist: (unit, first and last source level + 1, its resampling table).
         units = [(self.down, 0, levels - 1, lay.down), (self.up, 1, levels, lay.up)] if levels > 1 else []
         with record_function("sparsehead.gate"):
-            gates, depth_taps = self._scale_gates(x, units)
+            raw, depth_taps = self._scale_gates(x, units)
+            # A unit runs only on the levels that have a neighbour in its direction.
+            gates = [g * lay.level_mask(a, b, g.dtype) for g, (_, a, b, _) in zip(raw, units)]
         masks = [(g > 0).any(dim=1) for g in gates]
         plans = self._plan(masks, lay, [(a, b) for _, a, b, _ in units])
         with record_function("sparsehead.scale"):
@@ -269,13 +271,15 @@ class Router(nn.Module):
                 sets.append(lay.neighbour_max(outer[:, None].to(s.dtype))[:, 0] > 0)  # what conv1 reads
         plans = self._plan(sets, lay, [(0, levels)] * len(sets))
         out = self._depth(SiteRows(s, lay), g, inner, outer, owned, rulebook, plans)
-        self.last_cost = self._cost(lay, units, gates, masks, g, pooled, inner, outer)
+        self.last_cost = self._cost(lay, units, raw, g, pooled, inner, outer)
         if self.keep_gates:
             kept = {"down": {}, "up": {}, "depth": {}}
             for (unit, a, b, _), gate in zip(units, gates):
                 kind = "down" if unit is self.down else "up"
                 kept[kind].update({lvl: lay.level(gate, lvl).detach() for lvl in range(a, b)})
             kept["depth"] = {lvl: lay.level(g, lvl).detach() for lvl in range(levels)}
+            sites = lay.level_mask(0, levels, torch.bool)
+            kept["sites"] = {lvl: lay.level(sites, lvl) for lvl in range(levels)}
             self.last_gates = kept
         else:
             self.last_gates = {}
@@ -284,11 +288,13 @@ class Router(nn.Module):
     # ------------------------------------------------------------------------------------------- gates
 
     def _scale_gates(self, x: SiteRows, units) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Gates (R, G) of the scale units (zero off their source levels) and, when gated, the depth gate's
-        per-tap products of ``x`` times ``output_weight`` (R + 1, G_d · 3^ndim), from one matrix product."""
+        """Gates (R, G) of the scale units at every site (the levels without a neighbour in a unit's direction
+        included: the paper's cost convention counts them) and, when gated, the depth gate's per-tap products
+        of ``x`` times ``output_weight`` (R + 1, G_d · 3^ndim), from one matrix product."""
         lay, dtype = x.layout, x.buf.dtype
+        sites = lay.level_mask(0, lay.num_levels, dtype)
         if not self.gated:
-            return [lay.level_mask(a, b, dtype) for _, a, b, _ in units], None
+            return [sites for _ in units], None
         scale_gates = [u.gate for u, _, _, _ in units]
         convs = [g.conv for g in scale_gates] + [self.depth.gate.conv]
         taps = rows_taps(x.buf, torch.cat([c.weight for c in convs]))  # (R + 1, J · 3^ndim)
@@ -298,8 +304,9 @@ class Router(nn.Module):
         if scale_gates:
             logits = lay.gate_conv(taps, split // k, torch.cat([g.conv.bias for g in scale_gates]))
             parts = logits.split([g.num_groups for g in scale_gates], dim=1)
-            gates = [gate(x, conv_out=p) * lay.level_mask(a, b, dtype)
-                     for gate, p, (_, a, b, _) in zip(scale_gates, parts, units)]
+            gates = [gate(x, conv_out=p) for gate, p in zip(scale_gates, parts)]
+            if lay.valid is not None:
+                gates = [g * sites for g in gates]
         return gates, taps[:, split:] * self.output_weight
 
     def _depth_gate(self, s: SiteRows, taps: torch.Tensor | None) -> torch.Tensor:
@@ -489,20 +496,34 @@ class Router(nn.Module):
 
     # -------------------------------------------------------------------------------------------- cost
 
-    def _cost(self, lay: SiteLayout, units, gates, masks, g, pooled, inner, outer) -> Cost:
-        """Soft, realised and full MACs per image (see :mod:`sparsehead.modeling.cost`)."""
+    def _cost(self, lay: SiteLayout, units, raw, g, pooled, inner, outer) -> Cost:
+        """Soft, realised and full MACs per image (see :mod:`sparsehead.modeling.cost`), and the same in the
+        paper's convention (``Cost.paper``: no gate convs, a scale unit counted as 19·C MACs at every level,
+        the two units at the pyramid's ends included; see docs/paper_flops.md). ``raw``: the scale units'
+        gates at every level."""
+        levels = lay.num_levels
         conv1, conv2 = self.depth.unit_costs()
-        soft = [x.mean(dim=1) for x in gates] + [pooled.mean(dim=1), g.mean(dim=1)]
-        realised = masks + [outer, inner]
-        macs = [u.macs_per_pixel() for u, _, _, _ in units] + [conv1, conv2]
+        soft = [x.mean(dim=1) for x in raw] + [pooled.mean(dim=1), g.mean(dim=1)]
+        realised = [(x > 0).any(dim=1) for x in raw] + [outer, inner]
         terms = torch.stack(soft + [m.to(soft[0].dtype) for m in realised], dim=1).float()
-        per_image = lay.per_image(terms)
-        weights = torch.tensor(macs, dtype=torch.float32, device=terms.device)
-        levels = [(a, b) for _, a, b, _ in units] + [(0, lay.num_levels)] * 2
-        full = sum(m * lay.sites_per_image(a, b) for m, (a, b) in zip(macs, levels))
-        fixed = 0.0
+        per_level = lay.per_level_image(terms)  # (L, N, 2 · paths)
+        n = len(soft)
+        # Levels each path counts at in sparsehead's convention: a unit where it has a neighbour.
+        ranges = [(a, b) for _, a, b, _ in units] + [(0, levels)] * 2
+        counted = torch.zeros(levels, n, device=terms.device)
+        for k, (a, b) in enumerate(ranges):
+            counted[a:b, k] = 1.0
+        macs = torch.tensor([u.macs_per_pixel() for u, _, _, _ in units] + [conv1, conv2], dtype=torch.float32,
+                            device=terms.device)
+        sites = [lay.sites_per_image(a, b) for a, b in ranges]
         gate_macs = self.unit_costs()["gate"][0]
-        for a, b in [(a, b) for _, a, b, _ in units] + [(0, lay.num_levels)]:
-            fixed = fixed + gate_macs * lay.sites_per_image(a, b)
-        n = len(macs)
-        return Cost(per_image[:, :n] @ weights + fixed, per_image[:, n:].detach() @ weights + fixed, full + fixed)
+        fixed = gate_macs * sum(sites[:len(units)] + [sites[-1]])  # the gate convs: every counted site
+        ours = (per_level * counted.repeat(1, 2)[:, None, :]).sum(dim=0)  # (N, 2 · paths)
+        full = sum(m * s for m, s in zip(macs.tolist(), sites))
+        cost = Cost(ours[:, :n] @ macs + fixed, ours[:, n:].detach() @ macs + fixed, full + fixed)
+        paper_unit = 19 * self.channels  # the reference counts a unit's depthwise conv twice plus its norm
+        paper_macs = torch.tensor([paper_unit] * len(units) + [conv1, conv2], device=terms.device, dtype=torch.float32)
+        theirs = per_level.sum(dim=0)
+        everywhere = lay.sites_per_image(0, levels) * float(paper_macs.sum())
+        cost.paper = Cost(theirs[:, :n] @ paper_macs, theirs[:, n:].detach() @ paper_macs, everywhere)
+        return cost

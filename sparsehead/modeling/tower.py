@@ -7,7 +7,7 @@ tensors on the same indices for spconv tensors (see :mod:`sparsehead.modeling.sp
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -149,17 +149,23 @@ class DynamicTower(ExecutionMixin, nn.Module):
                         f"expected spatial size {expected}, got {tuple(x.shape[2:])}"
                     )
 
-    def forward(self, features):
+    def forward(self, features, valid_sizes: Optional[Sequence[Sequence[int]]] = None):
         """Dense maps in, dense maps out; or SparseConvTensors in, SparseConvTensors out.
 
         ``features``: a list of (N, C, *spatial) tensors, or (for voxel detectors) one
         ``spconv.pytorch.SparseConvTensor`` (a single level) or a list of them; see
-        :mod:`sparsehead.modeling.sparse_input`.
+        :mod:`sparsehead.modeling.sparse_input`. ``valid_sizes``: for maps of a padded batch, each image's
+        size at the first level; the rest is padding, where no path runs, outputs are zero and no cost
+        is counted (coarser levels: halved, rounding up).
         """
         if is_sparse_tensor(features):
+            if valid_sizes is not None:
+                raise ValueError("valid_sizes applies to maps; spconv tensors hold only their sites")
             return forward_sparse(self, features)
         self.check_features(features)
-        return self.run(SiteRows.from_maps(list(features), self.resample)).to_maps()
+        if valid_sizes is not None and len(valid_sizes) != features[0].shape[0]:
+            raise ValueError(f"valid_sizes has {len(valid_sizes)} entries for a batch of {features[0].shape[0]}")
+        return self.run(SiteRows.from_maps(list(features), self.resample, valid_sizes)).to_maps()
 
     def run(self, x: SiteRows) -> SiteRows:
         """Every router on packed rows ``x``, which the tower owns (they may be overwritten without autograd)."""

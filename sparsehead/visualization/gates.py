@@ -124,19 +124,20 @@ def work_maps(head: nn.Module) -> dict:
     gates = torch.zeros(first[0].shape[0], dtype=torch.float64, device=first[0].device)
     for _, router in routers:
         kept = router.last_gates
+        sites = kept["sites"]  # (N, 1, H, W): False on batch padding
         for lvl, g in kept["depth"].items():
             inner = gate_mask(g)
             levels[lvl]["depth2"]["count"] += inner[:, 0]
-            levels[lvl]["depth1"]["count"] += dilate(inner)[:, 0]
+            levels[lvl]["depth1"]["count"] += (dilate(inner) & sites[lvl])[:, 0]
         for kind in ("down", "up"):
             for lvl, g in kept[kind].items():
                 levels[lvl][kind]["count"] += gate_mask(g)[:, 0]
-        num_gates = sum(g[0, 0].numel() for kind in GATE_PATHS for g in kept[kind].values())
-        gates += float(num_gates * costs["gate"][0])
-    pixels = sum(g[0, 0].numel() for g in first.values())
+        num_gates = sum(sites[lvl].flatten(1).sum(1).double() for kind in GATE_PATHS for lvl in kept[kind])
+        gates += num_gates * costs["gate"][0]
+    pixels = sum(m.flatten(1).sum(1).double() for m in routers[0][1].last_gates["sites"].values())
     predictor = getattr(head, "_predictor_macs", None)
     if callable(predictor):
-        predict = torch.full_like(gates, float(pixels * predictor()))
+        predict = pixels * float(predictor())
     else:
         predict = torch.zeros_like(gates)
     return {"levels": levels, "dense": {"gate": gates, "predict": predict}}

@@ -84,3 +84,31 @@ def test_plain_head_records_dense_cost():
     pixels = 144 + 36 + 9 + 4 + 1
     per_pixel = 2 * 2 * (256 * 256 * 9 + 256) + 256 * 9 * (3 + 4 + 1)
     assert cost.full.item() == pytest.approx(pixels * per_pixel)
+
+
+def test_padded_batch_hands_each_images_size_to_the_head_once():
+    """track_image_sizes: in a detector forward the head receives each image's valid size at P3 (the batch is
+    padded to a common size) and counts only those pixels; a direct head call afterwards receives none."""
+    from sparsehead.modeling.valid_region import track_image_sizes, valid_sizes
+
+    torch.manual_seed(0)
+    model = _fcos(FCOSPlainHead(256, 1, 3)).eval()
+    track_image_sizes(model)
+    seen = []
+    model.head.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("valid_sizes")), with_kwargs=True)
+    images, _ = _batch()
+    with torch.no_grad():
+        batch_images, _ = model.transform(images)
+        model(images)
+    padded = batch_images.tensors.shape[-2:]
+    p3 = [(-(-h // 8), -(-w // 8)) for h, w in batch_images.image_sizes]
+    assert seen[-1] == p3 and list(padded) != [8 * s for s in p3[1]]  # the second image is padded
+    cost = collect_cost(model.head).full
+    per_pixel = cost[0] / sum(-(-p3[0][0] // 2**k) * -(-p3[0][1] // 2**k) for k in range(5))
+    expected = sum(-(-p3[1][0] // 2**k) * -(-p3[1][1] // 2**k) for k in range(5)) * per_pixel
+    torch.testing.assert_close(cost[1], expected)
+    with torch.no_grad():
+        model.head([torch.randn(1, 256, 8, 8)])
+    assert seen[-1] is None
+    assert valid_sizes([(64, 64)], (64, 64), (8, 8)) is None  # nothing padded
+    assert valid_sizes([(64, 40), (60, 64)], (64, 64), (8, 8)) == [(8, 5), (8, 8)]

@@ -42,6 +42,8 @@ class FCOSDynamicHead(DynamicHeadMixin, FCOSHead):
         gn_groups: GroupNorm groups in the towers.
         prior_prob: initial foreground probability of the classification logits.
         num_levels: pyramid levels (5 for P3–P7).
+        resample, scale_bias: the towers' resampling between levels and scale-unit bias
+            (:class:`~sparsehead.DynamicTower`).
         cls_tower, reg_tower: towers to use instead of building them from the arguments above.
 
     It is torchvision's :class:`~torchvision.models.detection.fcos.FCOSHead` with ``num_convs=0``: its
@@ -77,6 +79,8 @@ class FCOSDynamicHead(DynamicHeadMixin, FCOSHead):
         gn_groups: int = 32,
         prior_prob: float = 0.01,
         num_levels: int = 5,
+        resample: str = "pool",
+        scale_bias: bool = False,
         cls_tower: Optional[DynamicTower] = None,
         reg_tower: Optional[DynamicTower] = None,
     ) -> None:
@@ -88,24 +92,25 @@ class FCOSDynamicHead(DynamicHeadMixin, FCOSHead):
         self._add_towers(
             in_channels, num_routers, gated, budget_weight, prior_prob, cls_tower, reg_tower, tau=tau,
             num_levels=num_levels, gate_activation=gate_activation, gate_init=gate_init, gn_groups=gn_groups,
-            execution=execution,
+            execution=execution, resample=resample, scale_bias=scale_bias,
         )
 
     def _predictor_macs(self) -> int:
         convs = (self.classification_head.cls_logits, self.regression_head.bbox_reg, self.regression_head.bbox_ctrness)
         return sum(c.in_channels * c.out_channels * 9 for c in convs)
 
-    def forward(self, x: list[Tensor]) -> dict[str, Tensor]:
+    def forward(self, x: list[Tensor], valid_sizes: Optional[list[tuple[int, int]]] = None) -> dict[str, Tensor]:
         """FPN maps (N, C, H_l, W_l), finest first → ``cls_logits`` (N, ΣHWA, K), ``bbox_regression``
-        (N, ΣHWA, 4) and ``bbox_ctrness`` (N, ΣHWA, 1)."""
-        cls_feats = self.cls_tower(x)
-        reg_feats = self.reg_tower(x)
+        (N, ΣHWA, 4) and ``bbox_ctrness`` (N, ΣHWA, 1). ``valid_sizes``: each image's size at the first
+        level in a padded batch (:mod:`sparsehead.modeling.valid_region`)."""
+        cls_feats = self.cls_tower(x, valid_sizes)
+        reg_feats = self.reg_tower(x, valid_sizes)
         reg = self.regression_head
         boxes, ctrness = [], []
         for level, r in enumerate(reg_feats):
             boxes.append(flatten_level(torch.relu(self.scales[level] * reg.bbox_reg(r)), 4))
             ctrness.append(flatten_level(reg.bbox_ctrness(r), 1))
-        self.last_cost = dense_cost(x, self._predictor_macs())
+        self.last_cost = dense_cost(x, self._predictor_macs(), valid_sizes)
         return {
             "cls_logits": self.classification_head(cls_feats),
             "bbox_regression": torch.cat(boxes, dim=1),
@@ -119,7 +124,7 @@ class FCOSPlainHead(FCOSHead):
         super().__init__(in_channels, num_anchors, num_classes, num_convs)
         self.last_cost = None
 
-    def forward(self, x: list[Tensor]) -> dict[str, Tensor]:
+    def forward(self, x: list[Tensor], valid_sizes: Optional[list[tuple[int, int]]] = None) -> dict[str, Tensor]:
         out = super().forward(x)
-        self.last_cost = dense_cost(x, conv_macs_per_pixel(self))
+        self.last_cost = dense_cost(x, conv_macs_per_pixel(self), valid_sizes)
         return out

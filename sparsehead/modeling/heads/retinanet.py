@@ -68,6 +68,8 @@ class RetinaNetDynamicHead(DynamicHeadMixin, RetinaNetHead):
         gn_groups: int = 32,
         prior_prob: float = 0.01,
         num_levels: int = 5,
+        resample: str = "pool",
+        scale_bias: bool = False,
         cls_tower: Optional[DynamicTower] = None,
         reg_tower: Optional[DynamicTower] = None,
     ) -> None:
@@ -81,19 +83,20 @@ class RetinaNetDynamicHead(DynamicHeadMixin, RetinaNetHead):
         self._add_towers(
             in_channels, num_routers, gated, budget_weight, prior_prob, cls_tower, reg_tower, tau=tau,
             num_levels=num_levels, gate_activation=gate_activation, gate_init=gate_init, gn_groups=gn_groups,
-            execution=execution,
+            execution=execution, resample=resample, scale_bias=scale_bias,
         )
 
     def _predictor_macs(self) -> int:
         convs = (self.classification_head.cls_logits, self.regression_head.bbox_reg)
         return sum(c.in_channels * c.out_channels * 9 for c in convs)
 
-    def forward(self, x: list[Tensor]) -> dict[str, Tensor]:
-        """FPN maps (N, C, H_l, W_l), finest first → ``cls_logits`` (N, ΣHWA, K), ``bbox_regression`` (N, ΣHWA, 4)."""
+    def forward(self, x: list[Tensor], valid_sizes: Optional[list[tuple[int, int]]] = None) -> dict[str, Tensor]:
+        """FPN maps (N, C, H_l, W_l), finest first → ``cls_logits`` (N, ΣHWA, K), ``bbox_regression`` (N, ΣHWA, 4).
+        ``valid_sizes``: each image's size at the first level in a padded batch."""
         # torchvision's RetinaNetHead.forward feeds both sub-heads the same maps; here each gets its tower's.
-        cls_feats = self.cls_tower(x)
-        reg_feats = self.reg_tower(x)
-        self.last_cost = dense_cost(x, self._predictor_macs())
+        cls_feats = self.cls_tower(x, valid_sizes)
+        reg_feats = self.reg_tower(x, valid_sizes)
+        self.last_cost = dense_cost(x, self._predictor_macs(), valid_sizes)
         return {"cls_logits": self.classification_head(cls_feats), "bbox_regression": self.regression_head(reg_feats)}
 
 class RetinaNetPlainHead(RetinaNetHead):
@@ -115,7 +118,7 @@ class RetinaNetPlainHead(RetinaNetHead):
         super().__init__(in_channels, num_anchors, num_classes, norm_layer=norm_layer)
         self.last_cost = None
 
-    def forward(self, x: list[Tensor]) -> dict[str, Tensor]:
+    def forward(self, x: list[Tensor], valid_sizes: Optional[list[tuple[int, int]]] = None) -> dict[str, Tensor]:
         out = super().forward(x)
-        self.last_cost = dense_cost(x, conv_macs_per_pixel(self))
+        self.last_cost = dense_cost(x, conv_macs_per_pixel(self), valid_sizes)
         return out
