@@ -45,6 +45,7 @@ class HeadConfig:
     gate_activation: str = "geretanh"
     gate_init: float = 0.99
     budget_weight: float = 0.1
+    budget_warmup: int = 0  # iterations over which the budget weight ramps linearly from 0 to budget_weight
     execution: str = "sparse"  # dense | sparse | auto: gated paths at evaluation (and training by default)
     # auto: a path runs sparse when its active fraction is at most this; null: the crossover shipped for the device
     auto_threshold: Optional[float] = None

@@ -441,6 +441,9 @@ class Trainer:
     ) -> Dict[str, float]:
         with torch.autocast(self.device.type, enabled=self.use_amp):
             loss_dict = self.model(images, targets)
+        warmup = self.cfg.model.head.budget_warmup
+        if "loss_budget" in loss_dict and iteration < warmup:  # the budget weight ramps up from 0
+            loss_dict["loss_budget"] = loss_dict["loss_budget"] * (iteration / warmup)
         names = sorted(loss_dict)
         values = torch.stack([loss_dict[k].detach().float() for k in names])
         values = all_reduce_mean(values)  # same numbers on every rank: all stop together on NaN

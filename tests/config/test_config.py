@@ -61,7 +61,8 @@ def test_wrong_type_is_named(base_yaml, override, key):
     [("model.head.kind=big", "model.head.kind"), ("model.head.execution=fast", "model.head.execution"),
      ("model.backbone.depth=101", "model.backbone.depth"), ("solver.max_iter=0", "solver.max_iter"),
      ("solver.steps=[8,4]", "solver.steps"), ("model.num_classes=0", "model.num_classes"),
-     ("num_threads=-1", "num_threads")],
+     ("num_threads=-1", "num_threads"), ("model.head.resample=nearest", "model.head.resample"),
+     ("model.head.budget_warmup=-5", "model.head.budget_warmup")],
 )
 def test_bad_values_are_named(base_yaml, override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
@@ -173,6 +174,8 @@ def test_paper_configs(name, kind, routers, lam):
     if lam is not None:
         assert cfg.model.head.budget_weight == pytest.approx(lam)
     assert cfg.model.head.tau == pytest.approx(1.5)
+    # The reference implementation's choices (docs/paper.md).
+    assert cfg.model.head.resample == "bilinear" and cfg.model.head.scale_bias
     s = cfg.solver
     assert (s.base_lr, s.ims_per_batch, s.max_iter, list(s.steps)) == (0.01, 16, 90000, [60000, 80000])
     assert (cfg.model.min_size, cfg.model.max_size, cfg.model.backbone.weights) == (800, 1333, "imagenet")
