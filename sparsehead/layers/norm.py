@@ -10,6 +10,8 @@ mean 0 and variance 0; its outputs are never used.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -42,17 +44,15 @@ def group_norm_rows(
         (M, C). Statistics are two-pass (mean, then the centred squares), so data far from zero mean keeps
         its precision; segment sums and the scatter back to rows are matrix products with ``segments``.
     """
-    m, c = rows.shape
-    s = segments.shape[1]
-    cg = c // groups
+    c = rows.shape[1]
     inplace = overwrite and not torch.is_grad_enabled() and rows.is_contiguous()
     stats = segments if mask is None else segments * mask.to(rows.dtype)[:, None]
-    count = (stats.sum(dim=0) * cg).clamp_min(1.0)[:, None]  # (S, 1)
-    mean = (stats.t() @ rows).view(s, groups, cg).sum(dim=2) / count  # (S, G)
-    shift = segments @ mean.repeat_interleave(cg, dim=1)  # (M, C)
-    centred = rows.sub_(shift) if inplace else rows - shift
-    var = (stats.t() @ centred.square()).view(s, groups, cg).sum(dim=2) / count
-    scale = (var + eps).rsqrt().repeat_interleave(cg, dim=1) * weight  # (S, C)
+    average = _group_average(c, groups, rows.dtype, rows.device)  # (C, C): mean over each channel's group
+    count = stats.sum(dim=0).clamp_min(1.0)[:, None]  # (S, 1) rows per segment
+    mean = (stats.t() @ rows) @ average / count  # (S, C), each channel its group's mean
+    centred = rows.sub_(segments @ mean) if inplace else rows - segments @ mean
+    var = (stats.t() @ centred.square()) @ average / count
+    scale = (var + eps).rsqrt() * weight  # (S, C)
     if bias.dim() == 2:  # per-segment bias: scattered with the scale
         scale, bias = (segments @ torch.cat([scale, bias], dim=1)).split(c, dim=1)
     else:
@@ -60,6 +60,13 @@ def group_norm_rows(
     if inplace:
         return centred.mul_(scale).add_(bias)
     return torch.addcmul(bias, centred, scale)
+
+
+@functools.lru_cache(maxsize=16)
+def _group_average(channels: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(C, C): ``x @ average`` replaces each channel of ``x`` by the mean over its group's channels."""
+    size = channels // groups
+    return torch.block_diag(*[torch.full((size, size), 1.0 / size, dtype=dtype, device=device)] * groups)
 
 
 class MaskedGroupNorm(nn.Module):

@@ -125,17 +125,6 @@ class SiteLayout:
             self._cache[key] = b - a if self.valid is None else int(self.valid[a:b].sum())
         return self._cache[key]
 
-    def sites_per_image(self, first: int, last: int) -> torch.Tensor:
-        """(N,) float32: sites of levels ``first`` .. ``last - 1`` in each image (cached)."""
-        key = ("sites_per_image", first, last)
-        if key not in self._cache:
-            a, b = self.level_rows(first, last)
-            ones = torch.ones(b - a, device=self.device)
-            if self.valid is not None:
-                ones = self.valid[a:b].float()
-            self._cache[key] = torch.zeros(self.batch, device=self.device).index_add_(0, self.image[a:b], ones)
-        return self._cache[key]
-
     def tap_index(self, columns: int, groups: int) -> torch.Tensor:
         """(R, groups, K) flat positions into a (R + 1, columns * K) tensor of per-tap products: entry
         ``[r, j, t]`` is tap ``t`` of column group ``j`` at the neighbour ``t`` of row ``r`` (cached)."""
@@ -175,6 +164,13 @@ class SiteLayout:
         """Sums (L, N, X) over the sites of each level and image of per-row ``values`` (R, X)."""
         sums = self.onehot(values.dtype, sites_only=True).t() @ values  # (S, X): level-major segments
         return sums.view(self.num_levels, self.batch, -1)
+
+    def sites_per_level_image(self) -> torch.Tensor:
+        """(L, N) float32: sites of each level in each image (cached)."""
+        key = "sites_per_level_image"
+        if key not in self._cache:
+            self._cache[key] = self.per_level_image(torch.ones(self.rows, 1, device=self.device))[:, :, 0]
+        return self._cache[key]
 
     def segment_mean(self, values: torch.Tensor) -> torch.Tensor:
         """Each row replaced by the mean of ``values`` (R, G) over the sites of its segment: (R, G)."""

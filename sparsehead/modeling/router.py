@@ -67,6 +67,14 @@ def _conv_nd(ndim: int):
     return F.conv2d if ndim == 2 else F.conv3d
 
 
+@torch.compiler.disable  # the host read: under torch.compile one graph break, taken here
+def _read_counts(masks: Sequence[torch.Tensor], lay: SiteLayout) -> list[list[int]]:
+    """Active rows per level of each mask (R,) bool, read from the device in one transfer."""
+    flags = torch.stack(masks, dim=1).to(torch.float64)  # exact counts through a matrix product
+    per_level = (lay.onehot(torch.float64).t() @ flags).view(lay.num_levels, lay.batch, -1).sum(dim=1)
+    return per_level.t().round().to(torch.int64).tolist()
+
+
 class ScaleUnit(nn.Module):
     """Gated depthwise 3^ndim conv + GroupNorm run at a source level (one per neighbour direction).
 
@@ -318,24 +326,18 @@ class Router(nn.Module):
         g = gate(s, conv_out=lay.gate_conv(taps, gate.num_groups, gate.conv.bias))
         return g if lay.valid is None else g * lay.level_mask(0, lay.num_levels, g.dtype)
 
-    @torch.compiler.disable  # the host read: one graph break under torch.compile, taken here
     def _plan(self, masks: Sequence[torch.Tensor], lay: SiteLayout, ranges: Sequence[tuple[int, int]]
               ) -> list[tuple[bool, list[int] | None]]:
         """Per path, given its active rows ``masks[i]`` (R,) among the sites of levels ``ranges[i]``: whether
         it runs at all rows, and its active rows per level of its range. The counts are read from the device
         in one transfer for all paths, and not at all when every path runs at all rows (counts None)."""
-        mode = self.execution
-        if not masks:
-            return []
-        if mode == "dense" or (mode == "auto" and self.auto_threshold <= 0):
+        if self.execution == "dense" or (self.execution == "auto" and self.auto_threshold <= 0):
             return [(True, None)] * len(masks)
-        flags = torch.stack(masks, dim=1).to(torch.float64)  # exact counts through a matrix product
-        per_level = (lay.onehot(torch.float64).t() @ flags).view(lay.num_levels, lay.batch, -1).sum(dim=1)
-        counts = per_level.t().round().to(torch.int64).tolist()  # the one host read
+        counts = _read_counts(masks, lay) if masks else []
         plans = []
         for (a, b), level_counts in zip(ranges, counts):
             active = level_counts[a:b]
-            full = mode == "auto" and sum(active) > self.auto_threshold * lay.site_count(a, b)
+            full = self.execution == "auto" and sum(active) > self.auto_threshold * lay.site_count(a, b)
             plans.append((full, active))
         return plans
 
@@ -501,29 +503,36 @@ class Router(nn.Module):
         paper's convention (``Cost.paper``: no gate convs, a scale unit counted as 19·C MACs at every level,
         the two units at the pyramid's ends included; see docs/paper_flops.md). ``raw``: the scale units'
         gates at every level."""
-        levels = lay.num_levels
+        soft = [x if x.shape[1] == 1 else x.mean(dim=1, keepdim=True) for x in raw + [pooled, g]]
+        realised = [(x > 0).any(dim=1, keepdim=True) for x in raw] + [outer[:, None], inner[:, None]]
+        terms = torch.cat(soft + realised, dim=1).float()  # (R, 2 · paths): per-pixel gate and on/off
+        weights, full = self._cost_weights(lay, [(a, b) for _, a, b, _ in units])
+        per_image = torch.einsum("lnk,lkc->nc", lay.per_level_image(terms), weights)  # (N, 4)
+        totals = torch.einsum("ln,lc->nc", lay.sites_per_level_image(), full)  # (N, 3)
+        gates = totals[:, 2]  # the gate convs: every site of their levels, in all three
+        paper = Cost(per_image[:, 2], per_image[:, 3].detach(), totals[:, 1])
+        return Cost(per_image[:, 0] + gates, per_image[:, 1].detach() + gates, totals[:, 0] + gates, paper)
+
+    def _cost_weights(self, lay: SiteLayout, ranges: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """MACs per pixel of each path on each level, as (L, 2 · paths, 4) weights from per-level sums of
+        (gates, on/off) to (soft, realised, paper soft, paper realised), and (L, 3) per site for (full,
+        paper full, gate convs). Cached per layout."""
         conv1, conv2 = self.depth.unit_costs()
-        soft = [x.mean(dim=1) for x in raw] + [pooled.mean(dim=1), g.mean(dim=1)]
-        realised = [(x > 0).any(dim=1) for x in raw] + [outer, inner]
-        terms = torch.stack(soft + [m.to(soft[0].dtype) for m in realised], dim=1).float()
-        per_level = lay.per_level_image(terms)  # (L, N, 2 · paths)
-        n = len(soft)
-        # Levels each path counts at in sparsehead's convention: a unit where it has a neighbour.
-        ranges = [(a, b) for _, a, b, _ in units] + [(0, levels)] * 2
-        counted = torch.zeros(levels, n, device=terms.device)
-        for k, (a, b) in enumerate(ranges):
-            counted[a:b, k] = 1.0
-        macs = torch.tensor([u.macs_per_pixel() for u, _, _, _ in units] + [conv1, conv2], dtype=torch.float32,
-                            device=terms.device)
-        sites = [lay.sites_per_image(a, b) for a, b in ranges]
-        gate_macs = self.unit_costs()["gate"][0]
-        fixed = gate_macs * sum(sites[:len(units)] + [sites[-1]])  # the gate convs: every counted site
-        ours = (per_level * counted.repeat(1, 2)[:, None, :]).sum(dim=0)  # (N, 2 · paths)
-        full = sum(m * s for m, s in zip(macs.tolist(), sites))
-        cost = Cost(ours[:, :n] @ macs + fixed, ours[:, n:].detach() @ macs + fixed, full + fixed)
-        paper_unit = 19 * self.channels  # the reference counts a unit's depthwise conv twice plus its norm
-        paper_macs = torch.tensor([paper_unit] * len(units) + [conv1, conv2], device=terms.device, dtype=torch.float32)
-        theirs = per_level.sum(dim=0)
-        everywhere = lay.sites_per_image(0, levels) * float(paper_macs.sum())
-        cost.paper = Cost(theirs[:, :n] @ paper_macs, theirs[:, n:].detach() @ paper_macs, everywhere)
-        return cost
+        ours = [u.macs_per_pixel() for u in (self.down, self.up)][: len(ranges)] + [conv1, conv2]
+        paper = [19 * self.channels] * len(ranges) + [conv1, conv2]  # the reference: 9·C twice plus the norm
+        gate = self.unit_costs()["gate"][0]
+        key = ("router_cost", tuple(ranges), tuple(ours), tuple(paper), gate)
+        if key not in lay._cache:
+            levels, paths = lay.num_levels, len(ours)
+            ranges = ranges + [(0, levels)] * 2
+            weights = torch.zeros(levels, 2 * paths, 4)
+            full = torch.zeros(levels, 3)
+            for k, ((a, b), m, p) in enumerate(zip(ranges, ours, paper)):
+                weights[a:b, k, 0] = weights[a:b, paths + k, 1] = m  # where the path exists
+                weights[:, k, 2] = weights[:, paths + k, 3] = p  # the reference counts every level
+                full[a:b, 0] += m
+                full[:, 1] += p
+                if k != paths - 2:  # one gate per unit and one for the depth path (conv1 and conv2 share it)
+                    full[a:b, 2] += gate
+            lay._cache[key] = (weights.to(lay.device), full.to(lay.device))
+        return lay._cache[key]

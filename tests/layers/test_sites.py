@@ -89,6 +89,6 @@ def test_valid_sizes_make_padding_rows_non_sites():
     assert torch.all(lay.neighbours[~lay.valid] == lay.rows)
     nbr = lay.neighbours[lay.valid]
     assert torch.all((nbr == lay.rows) | lay.valid[nbr.clamp_max(lay.rows - 1)])
-    per_image = lay.sites_per_image(0, lay.num_levels)
+    per_image = lay.sites_per_level_image().sum(dim=0)
     expected = [sum(h * w for h, w in SIZES), 9 * 11 + 5 * 6 + 3 * 3]
     assert per_image.tolist() == expected
