@@ -276,17 +276,10 @@ def _conv_case(feat: torch.Tensor, channels: int, image: tuple[int, int], fixed_
                 stats=stats, levels=[tuple(x.shape[2:])], imposed=fixed_mask is None, extra=dict(extra or {}))
 
 
-def _fixed_tower(tower: DynamicTower, gn_groups: int) -> DynamicTower:
-    fixed = DynamicTower(tower.channels, len(tower.routers), ndim=tower.ndim, num_levels=tower.num_levels,
-                         gated=False, gn_groups=gn_groups)
-    copy_matching_weights(fixed, tower)
-    return fixed.to(next(tower.parameters()).device).eval()
-
-
-def _fixed_router(router: Router, gn_groups: int) -> Router:
-    fixed = Router(router.channels, router.ndim, gated=False, gn_groups=gn_groups, name="fixed")
-    copy_matching_weights(fixed, router)
-    return fixed.to(next(router.parameters()).device).eval()
+def _twin(fixed: nn.Module, gated: nn.Module) -> nn.Module:
+    """``fixed`` (built like ``gated`` with ``gated=False``) holding ``gated``'s weights, on its device."""
+    copy_matching_weights(fixed, gated)
+    return fixed.to(next(gated.parameters()).device).eval()
 
 
 def _backbone_macs(model: nn.Module, images: list[torch.Tensor]) -> float:
@@ -366,6 +359,18 @@ def _dynamic_overrides(s: Settings, routers: int, image: Sequence[int]) -> list[
             f"model.min_size={min(image)}", f"model.max_size={max(image)}", *s.overrides]
 
 
+def _synthetic_model(workload: str, channels: int, routers: int, num_classes: int, gated: bool) -> nn.Module:
+    """The router, tower or FCOS head of the synthetic workloads (``gated=False``: its Fixed twin)."""
+    gn = _gn_groups(channels)
+    if workload == "router":
+        return Router(channels, gated=gated, gn_groups=gn, name="bench")
+    if workload == "tower":
+        return DynamicTower(channels, routers, gated=gated, gn_groups=gn)
+    from ..modeling.heads import FCOSDynamicHead
+
+    return FCOSDynamicHead(channels, 1, num_classes, num_routers=routers, gated=gated, gn_groups=gn)
+
+
 def build_cases(s: Settings, workload: str, pattern: str, device: torch.device) -> Iterator[Case]:
     """The cases of one workload under one pattern family (``model``: the checkpoint's own gates)."""
     if pattern == "model":
@@ -386,25 +391,15 @@ def build_cases(s: Settings, workload: str, pattern: str, device: torch.device) 
                 levels = pyramid_sizes(img)
                 if workload == "conv":
                     yield _conv_case(x[0], c, img)
-                elif workload == "router":
-                    r = Router(c, gn_groups=_gn_groups(c), name="bench").to(device).eval()
-                    yield _router_case("router", r, x, 1, n, c, img, levels,
-                                       {"fixed": _fixed_router(r, _gn_groups(c))}, device)
-                elif workload == "tower":
-                    t = DynamicTower(c, d).to(device).eval()
-                    yield _router_case("tower", t, x, d, n, c, img, levels,
-                                       {"fixed": _fixed_tower(t, _gn_groups(c))}, device)
-                elif workload == "head":
-                    from ..modeling.heads import FCOSDynamicHead, FCOSPlainHead
+                    continue
+                model = _synthetic_model(workload, c, d, s.num_classes, gated=True).to(device).eval()
+                baselines = {"fixed": _twin(_synthetic_model(workload, c, d, s.num_classes, gated=False), model)}
+                if workload == "head" and c % 32 == 0:  # torchvision's FCOS head has GroupNorm(32)
+                    from ..modeling.heads import FCOSPlainHead
 
-                    kw = dict(num_routers=d, gn_groups=_gn_groups(c))
-                    h = FCOSDynamicHead(c, 1, s.num_classes, **kw).to(device).eval()
-                    fixed = FCOSDynamicHead(c, 1, s.num_classes, gated=False, **kw)
-                    copy_matching_weights(fixed, h)
-                    baselines = {"fixed": fixed.to(device).eval()}
-                    if c % 32 == 0:  # torchvision's FCOS head has GroupNorm(32)
-                        baselines["plain"] = FCOSPlainHead(c, 1, s.num_classes).to(device).eval()
-                    yield _router_case("head", h, x, d, n, c, img, levels, baselines, device)
+                    baselines["plain"] = FCOSPlainHead(c, 1, s.num_classes).to(device).eval()
+                routers = 1 if workload == "router" else d
+                yield _router_case(workload, model, x, routers, n, c, img, levels, baselines, device)
 
 
 def _paper_detector_case(s: Settings, arch: str, routers: int, batch: int, image: tuple[int, int],
@@ -433,7 +428,8 @@ def _checkpoint_cases(s: Settings, workload: str, device: torch.device) -> Itera
         raise ValueError("the 'model' pattern needs a dynamic or fixed head (model.head.kind)")
     c = model.backbone.out_channels
     d = len(head.cls_tower.routers)
-    gn = cfg.model.head.gn_groups
+    base = _detector_baselines(s.config, list(s.overrides), model, device)  # built from the same config
+    fixed_head = base["fixed"].head
     for n in s.batches:
         ims, source = checkpoint_images(cfg, n, s.seed + 100 * n)
         ims = [im.to(device) for im in ims]
@@ -442,22 +438,17 @@ def _checkpoint_cases(s: Settings, workload: str, device: torch.device) -> Itera
         levels = [tuple(f.shape[2:]) for f in feats]
         common = dict(imposed=False, arch=cfg.model.arch, extra={"images": source})
         if workload == "detector":
-            yield _router_case("detector", model, ims, d, n, c, size, levels,
-                               _detector_baselines(s.config, list(s.overrides), model, device), device,
-                               cost_module=head, extra_macs=_backbone_macs(model, ims), detector=True,
-                               explain_inputs=feats, **common)
+            yield _router_case("detector", model, ims, d, n, c, size, levels, base, device, cost_module=head,
+                               extra_macs=_backbone_macs(model, ims), detector=True, explain_inputs=feats, **common)
         elif workload == "head":
-            base = _detector_baselines(s.config, list(s.overrides), model, device)
-            yield _router_case("head", head, feats, d, n, c, size, levels,
-                               {k: m.head for k, m in base.items()}, device, **common)
+            yield _router_case("head", head, feats, d, n, c, size, levels, {k: m.head for k, m in base.items()},
+                               device, **common)
         elif workload == "tower":
-            t = head.cls_tower
-            yield _router_case("tower", t, feats, d, n, c, size, levels, {"fixed": _fixed_tower(t, gn)}, device,
-                               **common)
+            yield _router_case("tower", head.cls_tower, feats, d, n, c, size, levels,
+                               {"fixed": fixed_head.cls_tower}, device, **common)
         elif workload == "router":
-            r = head.cls_tower.routers[0]
-            yield _router_case("router", r, feats, 1, n, c, size, levels, {"fixed": _fixed_router(r, gn)}, device,
-                               **common)
+            yield _router_case("router", head.cls_tower.routers[0], feats, 1, n, c, size, levels,
+                               {"fixed": fixed_head.cls_tower.routers[0]}, device, **common)
         elif workload == "conv":
             r = head.cls_tower.routers[0]
             with torch.no_grad(), keep_gates(r):
