@@ -4,16 +4,19 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import os
+import platform
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import psutil
 import torch
 from torch import nn
 
-__all__ = ["STAGES", "sync", "timed", "peak_memory_mb", "profile_stages", "ModuleTimer", "finite"]
+__all__ = ["STAGES", "sync", "timed", "peak_memory_mb", "profile_stages", "ModuleTimer", "finite", "cpu_name"]
 
 # Profiler labels inside the model → stage names in the rows.
 STAGES = {
@@ -23,6 +26,17 @@ STAGES = {
     "sparsehead.scale": "scale",
     "sparsehead.scatter": "scatter",
 }
+
+
+def cpu_name() -> str:
+    """The CPU model (from /proc/cpuinfo where there is one) and its logical core count."""
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name} ({os.cpu_count()} cores)"
 
 
 def sync(device: torch.device) -> None:

@@ -14,15 +14,16 @@ Executions: the gated model in ``dense``, ``sparse`` and ``auto`` mode, and the 
 sparse stage clock), one counted forward per eager execution (kernels and host reads), the compiled
 executions warmed until they compile nothing more (graph breaks from ``torch._dynamo.explain`` at the
 case's first point; compile time reported apart), then ``repeats`` interleaved timed rounds under
-``torch.no_grad()``, medians reported. ``best_dense_ms`` is the fastest of the gated dense mode and the
-fixed baseline, eager or compiled; ``speedup`` is ``best_dense_ms / sparse_ms``.
+``torch.no_grad()``, medians reported; under ``--compile all`` a second pass, after a dynamo reset, times
+the compiled sparse and auto executions. ``best_dense_ms`` is the fastest of the gated dense mode and the
+fixed baseline, eager or compiled; ``speedup`` is ``best_dense_ms / sparse_ms``. Options and columns:
+``docs/benchmark.md``.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import logging
-import platform
 import statistics
 import sys
 import time
@@ -33,13 +34,14 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..modeling.router import DepthPath, default_rulebook
+from .cli import parse_args
 from .compiling import compile_limits, graph_breaks, graphs_compiled, max_abs_diff, warm_compiled
 from .counting import count_ops
 from .crossover import apply_crossover, crossover_from_rows, load_crossover, save_crossover
-from .measure import ModuleTimer, finite, peak_memory_mb, profile_stages, timed
+from .measure import ModuleTimer, cpu_name, finite, peak_memory_mb, profile_stages, timed
 from .output import format_tables, write_outputs
 from .patterns import blob_mask, random_mask
-from .settings import MODES, SPARSE_KINDS, Settings, compiled_executions
+from .settings import SPARSE_KINDS, Settings, compiled_executions
 from .workloads import (
     Case,
     build_cases,
@@ -49,7 +51,7 @@ from .workloads import (
     pyramid_sizes,
 )
 
-__all__ = ["run_benchmark", "measure_point", "main", "parse_args", "pyramid_sizes", "cpu_name", "ROW_KEYS", "MODES"]
+__all__ = ["run_benchmark", "measure_point", "main", "parse_args", "pyramid_sizes", "ROW_KEYS"]
 
 logger = logging.getLogger("sparsehead.benchmark")
 
@@ -63,26 +65,6 @@ ROW_KEYS = (
 DENSE_KINDS = ("dense", "dense_compiled", "fixed", "fixed_compiled")
 
 Pattern = Callable[[torch.Size], torch.Tensor]
-
-
-def parse_args(argv: Optional[Sequence[str]] = None):
-    """See :func:`sparsehead.benchmark.cli.parse_args`."""
-    from .cli import parse_args as parse
-
-    return parse(argv)
-
-
-def cpu_name() -> str:
-    """The CPU model (from /proc/cpuinfo where there is one) and its logical core count."""
-    import os
-
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return f"{name} ({os.cpu_count()} cores)"
 
 
 class _CaseState:
@@ -149,6 +131,8 @@ def _compile(case: Case, s: Settings, state: _CaseState, execs: Sequence[str], f
     """Graph breaks and compiled modules (first point), warm-up until nothing more compiles, and the
     largest difference from the eager output, for the compiled executions ``execs``."""
     if first:
+        logger.info("%s: graph breaks and torch.compile (%s) of %s; a cold compile takes minutes",
+                    case.workload, s.compile_backend, ", ".join(execs))
         for e in execs:  # explain resets dynamo: before anything of this pass is compiled
             case.prepare(e)
             module, inputs = case.explain_target(e)
