@@ -30,8 +30,14 @@ def _title(key: tuple) -> str:
     return f"{workload}" + (f" {arch}" if arch else "") + (f" D{d}" if d else "") + f" N{b} C{c} {image}"
 
 
+def _minor_label(value: float, _: Any) -> str:
+    """Labels 2× and 5× each power of ten on a log axis, no other minor tick."""
+    lead = value / 10 ** math.floor(math.log10(value)) if value > 0 else 0
+    return f"{value:g}" if round(lead, 6) in (2.0, 5.0) else ""
+
+
 def _speedup_panel(ax, series: dict[tuple, list[dict[str, Any]]]) -> None:
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FuncFormatter
 
     for i, (key, group) in enumerate(series.items()):
         col = f"C{i % 10}"
@@ -52,12 +58,12 @@ def _speedup_panel(ax, series: dict[tuple, list[dict[str, Any]]]) -> None:
                            facecolors=face if face else col, edgecolors=col, label=f"sparse ({pattern})")
     ax.axhline(1.0, color="k", lw=1)
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(_minor_label))
     ax.set_xlim(0, 1)
     ax.set_xlabel("active fraction")
     ax.set_ylabel("speedup over the best dense execution")
-    ax.set_title("sparse vs the fastest dense execution (gated dense or fixed, eager or compiled)", fontsize=10)
+    ax.set_title("speedup over the fastest dense execution\n(gated dense or fixed, eager or compiled)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
 
@@ -105,13 +111,18 @@ def plot_rows(rows: Sequence[dict[str, Any]], dpi: int = 110) -> bytes:
     series: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         series.setdefault(_key(r), []).append(r)
-    cols = min(3, max(1, len(series)))
-    nrows = 1 + math.ceil(len(series) / cols)
-    fig = plt.figure(figsize=(5.2 * cols, 3.9 * nrows))
-    grid = fig.add_gridspec(nrows, cols)
-    _speedup_panel(fig.add_subplot(grid[0, :]), series)
-    for i, (key, group) in enumerate(series.items()):
-        _time_panel(fig.add_subplot(grid[1 + i // cols, i % cols]), key, group)
+    if len(series) == 1:  # the speedup and the times side by side
+        fig, (top, ax) = plt.subplots(1, 2, figsize=(11.5, 4.4))
+        _speedup_panel(top, series)
+        _time_panel(ax, *next(iter(series.items())))
+    else:
+        cols = min(3, len(series))
+        nrows = 1 + math.ceil(len(series) / cols)
+        fig = plt.figure(figsize=(5.4 * cols, 4.0 * nrows))
+        grid = fig.add_gridspec(nrows, cols)
+        _speedup_panel(fig.add_subplot(grid[0, :]), series)
+        for i, (key, group) in enumerate(series.items()):
+            _time_panel(fig.add_subplot(grid[1 + i // cols, i % cols]), key, group)
     dev = rows[0].get("device", "") if rows else ""
     thr = rows[0].get("threads", "") if rows else ""
     fig.suptitle(f"sparsehead benchmark ({dev}, {thr} threads)", fontsize=11)
