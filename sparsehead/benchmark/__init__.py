@@ -1,4 +1,5 @@
-"""Tools for measuring the dynamic head: synthetic gate patterns and timing helpers."""
+"""Tools for measuring the dynamic head: synthetic gate patterns, operator counts and the benchmark tool."""
+from .counting import OpCounter, OpCounts, count_ops
 from .patterns import blob_mask, fixed_gates, random_mask
 
-__all__ = ["blob_mask", "random_mask", "fixed_gates"]
+__all__ = ["blob_mask", "random_mask", "fixed_gates", "count_ops", "OpCounts", "OpCounter"]

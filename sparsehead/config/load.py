@@ -270,6 +270,13 @@ def validate_config(cfg: DictConfig) -> None:
     _check(s.checkpoint_period > 0, "solver.checkpoint_period", "must be positive")
     _check(s.eval_period >= 0, "solver.eval_period", "must be >= 0 (0: only at the end)")
     _check(s.log_period > 0, "solver.log_period", "must be positive")
+    train_mode = m.head.train_execution or m.head.execution
+    _check(
+        not (s.compile and m.head.kind in ("fixed", "dynamic") and train_mode != "dense"),
+        "solver.compile",
+        f"true needs the head to train in the dense execution (model.head.train_execution=dense), got "
+        f"{train_mode!r}: the sparse and auto modes read data-dependent sizes, each a graph break",
+    )
     _check(cfg.test.ims_per_batch > 0, "test.ims_per_batch", "must be positive")
     _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(0.0 <= cfg.data.flip_prob <= 1.0, "data.flip_prob", "must be in [0, 1]")

@@ -116,6 +116,7 @@ class SolverConfig:
     gamma: float = 0.1
     clip_grad_norm: float = 0.0  # 0 disables clipping
     amp: bool = False  # CUDA only
+    compile: bool = False  # torch.compile the backbone and head for training (needs dense train_execution)
     checkpoint_period: int = 5000
     eval_period: int = 0  # 0: evaluate only at the end
     log_period: int = 20

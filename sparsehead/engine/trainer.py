@@ -33,6 +33,7 @@ from .checkpoint import (
     set_rng_state,
     unwrap,
 )
+from .compile import compile_for_training, evaluation_stance
 from .data import build_test_loader, build_train_loader
 from .distributed import (
     all_gather_object,
@@ -315,6 +316,8 @@ class Trainer:
                     len(self.train_set), len(self.val_set), self.train_set.num_classes)
 
         model = build_model(cfg).to(self.device)
+        if cfg.solver.compile:
+            compile_for_training(model)
         self.optimizer = build_optimizer(model, cfg.solver)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.solver)
         self.use_amp = bool(cfg.solver.amp) and self.device.type == "cuda"
@@ -485,7 +488,8 @@ class Trainer:
     def _evaluate(self, iteration: int) -> Dict[str, float]:
         self._set_execution(training=False)
         try:
-            metrics = evaluate(self.model, self.val_loader, self.val_set, self.device)
+            with evaluation_stance(self.cfg.solver.compile):
+                metrics = evaluate(self.model, self.val_loader, self.val_set, self.device)
         finally:
             self._set_execution(training=True)
         metrics["iteration"] = iteration

@@ -52,7 +52,7 @@ from ..layers.sparse import SparseConvWeight, depthwise_rows, gather_conv, to_ro
 from ..utils.optional import import_spconv
 from .cost import Cost
 
-__all__ = ["Router", "DepthPath", "ScaleUnit", "EXECUTION_MODES", "default_rulebook"]
+__all__ = ["Router", "DepthPath", "ScaleUnit", "EXECUTION_MODES", "default_rulebook", "conv_rows", "spconv_rows"]
 
 EXECUTION_MODES = ("dense", "sparse", "auto")
 
@@ -116,6 +116,33 @@ def autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4 takes no device type
         return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
+def spconv_rows(x: SiteRows, rows: torch.Tensor):
+    """The ``rows`` (M,) of ``x`` as one spconv ``SparseConvTensor`` whose batch entries are the layout's
+    (level, image) segments, coordinates within the level: one rulebook for every level."""
+    lay = x.layout
+    indices = torch.cat([lay.segment.index_select(0, rows)[:, None].int(), lay.coords.index_select(0, rows)], dim=1)
+    return import_spconv().SparseConvTensor(x.buf.index_select(0, rows), indices.contiguous(), list(lay.shapes[0]),
+                                            lay.num_segments)
+
+
+def conv_rows(conv: SparseConvWeight, x: SiteRows, rows: torch.Tensor, rulebook: str) -> torch.Tensor:
+    """One depth-path conv of ``x`` evaluated at ``rows`` (M,) int64: (M, C_out), reading zeros off the sites.
+
+    ``exact``: a GEMM per kernel row over each output row's gathered neighbours. ``submanifold``: spconv's
+    submanifold conv on the rows and their neighbours (what it reads), then the outputs at ``rows``.
+    """
+    lay = x.layout
+    table = lay.neighbours.index_select(0, rows)
+    if rulebook == "exact":
+        return gather_conv(x.buf, conv.weight, table)
+    read = torch.zeros(lay.rows + 1, dtype=torch.bool, device=rows.device).index_fill_(0, table.reshape(-1), True)
+    q = read[:-1].nonzero()[:, 0]
+    out = conv.submanifold(spconv_rows(x, q), "conv_rows").features
+    position = torch.zeros(lay.rows, dtype=torch.int64, device=q.device).index_copy_(
+        0, q, torch.arange(q.shape[0], device=q.device))
+    return out.index_select(0, position.index_select(0, rows))
 
 
 class DepthPath(nn.Module):
@@ -447,7 +474,7 @@ class Router(nn.Module):
         onehot = lay.onehot(s.buf.dtype)
         o = torch.nonzero_static(outer, size=n_outer)[:, 0]
         d = torch.nonzero_static(inner, size=n_inner)[:, 0]
-        h = gather_conv(s.buf, depth.conv1.weight, lay.neighbours.index_select(0, o))
+        h = conv_rows(depth.conv1, s, o, "exact")
         h = F.relu(depth.norm1.forward_rows(h, onehot.index_select(0, o), overwrite=True),
                    inplace=not torch.is_grad_enabled())
         h = torch.cat([h, h.new_zeros(1, h.shape[1])])  # the row a missing neighbour reads
@@ -459,13 +486,10 @@ class Router(nn.Module):
     def _depth_submanifold(self, s: SiteRows, inner, outer, n_inner: int, n_read: int):
         """Both convs as spconv submanifold convs on the rows conv1 reads, all levels in one tensor."""
         lay, depth = s.layout, self.depth
-        spconv = import_spconv()
         read = lay.neighbour_max(outer[:, None].to(s.buf.dtype))[:, 0] > 0
         q = torch.nonzero_static(read, size=n_read)[:, 0]
         seg = lay.onehot(s.buf.dtype).index_select(0, q)
-        indices = torch.cat([lay.segment.index_select(0, q)[:, None].int(), lay.coords.index_select(0, q)], dim=1)
-        x = spconv.SparseConvTensor(s.buf.index_select(0, q), indices.contiguous(), list(lay.shapes[0]),
-                                    lay.num_segments)
+        x = spconv_rows(s, q)
         in_outer, in_inner = outer.index_select(0, q), inner.index_select(0, q)
         h = depth.conv1.submanifold(x, depth.indice_key)
         h1 = F.relu(depth.norm1.forward_rows(h.features, seg, in_outer)) * in_outer[:, None]
