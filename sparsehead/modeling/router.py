@@ -277,7 +277,7 @@ class Router(nn.Module):
             with torch.autocast(x.buf.device.type, enabled=False):
                 out = self.forward(SiteRows(rows, lay), overwrite_inputs=owned)
             return out if packed else out.to_maps()
-        lay = x.layout
+        # Both host reads (_plan) are made in this frame: under torch.compile each breaks the graph once.
         levels = lay.num_levels
         # The units that exist: (unit, first and last source level + 1, its resampling table).
         units = [(self.down, 0, levels - 1, lay.down), (self.up, 1, levels, lay.up)] if levels > 1 else []
