@@ -6,8 +6,8 @@ chosen output rows reads, for each output and kernel tap, one input row given by
 
 Kernels, one function each:
 
-- :func:`gather_conv`: the conv as GEMMs over gathered neighbour rows (the taps of one kernel row at a
-  time, so the op count does not depend on the sizes); any device, any dtype, exact output set.
+- :func:`gather_conv`: the conv as GEMMs over gathered neighbour rows; any device, any dtype, exact
+  output set.
 - :func:`depthwise_rows`: a depthwise conv at chosen rows (spconv has no grouped conv).
 - :class:`SparseConvWeight` holds a conv weight the spconv way, (C_out, *kernel, C_in), and runs it as
   spconv's submanifold conv (implicit GEMM on CUDA; Native on CPU) on a ``SparseConvTensor``; spconv is
@@ -137,77 +137,66 @@ def dilate(mask: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ gather conv
 
-
-def _slabs(table: torch.Tensor) -> torch.Tensor:
-    """(M, K) → (3, M * K / 3): the taps of each row of the kernel, row-major, one slab per kernel row."""
-    m, k = table.shape
-    return table.view(m, 3, k // 3).transpose(0, 1).reshape(3, -1)
+# Bytes of gathered columns per GEMM on CPU: large enough for the GEMM to run near its peak, small enough
+# to be served from freed heap memory (a fresh buffer of tens of MB costs its page faults every call).
+_CPU_CHUNK_BYTES = 8 << 20
 
 
-def _slab_columns(features: torch.Tensor, slab: torch.Tensor, rows: int, missing: bool) -> torch.Tensor:
-    """Gathered input rows (M, K / 3 * C) of one slab; zeros at -1 entries when ``missing``."""
-    cols = features.index_select(0, slab.clamp_min(0) if missing else slab)
-    if missing:
-        cols.masked_fill_((slab < 0)[:, None], 0)
-    return cols.view(rows, -1)
+def _chunks(rows: int, row_bytes: int, device: torch.device) -> list[tuple[int, int]]:
+    """Row ranges ``[a, b)`` of one GEMM each: bounded by :data:`_CPU_CHUNK_BYTES` on CPU, one elsewhere."""
+    step = max(1, _CPU_CHUNK_BYTES // row_bytes) if device.type == "cpu" else max(rows, 1)
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
 class _GatherConv(torch.autograd.Function):
-    """Gather-GEMM conv, one GEMM per kernel row; the backward gathers the columns again."""
+    """Gather-GEMM conv over row chunks; the backward gathers the columns again."""
 
     @staticmethod
-    def forward(ctx, features, weight, table, missing):
-        c_out, m = weight.shape[0], table.shape[0]
-        w = weight.reshape(c_out, 3, -1)  # (C_out, 3, K / 3 * C_in): taps of one kernel row each
-        slabs = _slabs(table)
-        out = torch.mm(_slab_columns(features, slabs[0], m, missing), w[:, 0].t())
-        for i in (1, 2):
-            out.addmm_(_slab_columns(features, slabs[i], m, missing), w[:, i].t())
-        ctx.save_for_backward(features, weight, slabs)
-        ctx.missing = missing
+    def forward(ctx, features, weight, table):
+        w = weight.reshape(weight.shape[0], -1)  # (C_out, K * C_in): taps major, as the columns
+        m, k = table.shape
+        out = features.new_empty(m, w.shape[0])
+        for a, b in _chunks(m, w.shape[1] * features.element_size(), features.device):
+            cols = features.index_select(0, table[a:b].reshape(-1)).view(b - a, -1)  # (rows, K * C_in)
+            torch.mm(cols, w.t(), out=out[a:b])
+        ctx.save_for_backward(features, weight, table)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        features, weight, slabs = ctx.saved_tensors
-        c_out, c_in, m = weight.shape[0], features.shape[1], grad_out.shape[0]
-        w = weight.reshape(c_out, 3, -1)
+        features, weight, table = ctx.saved_tensors
+        c_in = features.shape[1]
+        w = weight.reshape(weight.shape[0], -1)
         grad_out = grad_out.contiguous()
         need_x, need_w = ctx.needs_input_grad[:2]
         grad_x = torch.zeros_like(features) if need_x else None
-        grad_w = []
-        for i in range(3):
+        grad_w = torch.zeros_like(w) if need_w else None
+        for a, b in _chunks(table.shape[0], w.shape[1] * features.element_size(), features.device):
+            g, index = grad_out[a:b], table[a:b].reshape(-1)
             if need_w:
-                grad_w.append(grad_out.t() @ _slab_columns(features, slabs[i], m, ctx.missing))
+                grad_w.addmm_(g.t(), features.index_select(0, index).view(b - a, -1))
             if need_x:
-                cols = (grad_out @ w[:, i]).view(-1, c_in)
-                index = slabs[i]
-                if ctx.missing:
-                    cols.masked_fill_((index < 0)[:, None], 0)
-                    index = index.clamp_min(0)
-                grad_x.index_add_(0, index, cols)
-        grad_w = torch.stack(grad_w, dim=1) if need_w else None
-        return grad_x, None if grad_w is None else grad_w.view_as(weight), None, None
+                grad_x.index_add_(0, index, (g @ w).view(-1, c_in))
+        return grad_x, None if grad_w is None else grad_w.view_as(weight), None
 
 
-def gather_conv(features: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, missing: bool = False
-                ) -> torch.Tensor:
+def gather_conv(features: torch.Tensor, weight: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """A conv evaluated at chosen output rows: each output is its neighbours' rows times the weight.
 
     Args:
         features: input rows (R_in, C_in).
         weight: (C_out, *kernel, C_in), spconv's layout (3^ndim taps).
-        table: (M, K) int64 input row of each output's kernel taps.
-        missing: the table holds -1 for taps that read zeros (otherwise every entry is a valid row, such as
-            the zero row of :class:`~sparsehead.layers.sites.SiteRows`).
+        table: (M, K) int64 input row of each output's kernel taps; a tap that reads zeros points at a zero
+            row (as the last row of :class:`~sparsehead.layers.sites.SiteRows`).
 
     Returns:
-        (M, C_out), differentiable in ``features`` and ``weight``. The taps of one kernel row are gathered
-        into columns (M, K / 3 * C_in) and multiplied by the weight in one GEMM: three GEMMs per call.
+        (M, C_out), differentiable in ``features`` and ``weight``. Each output row's K neighbour rows are
+        gathered into one column row (K · C_in) and multiplied by the weight in one GEMM per chunk of rows
+        (on CPU chunks of 8 MB of columns; elsewhere one).
     """
     if table.shape[0] == 0:
         return features.new_zeros(0, weight.shape[0])
-    return _GatherConv.apply(features.contiguous(), weight, table, missing)
+    return _GatherConv.apply(features.contiguous(), weight, table.contiguous())
 
 
 def depthwise_rows(features: torch.Tensor, weight: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

@@ -102,8 +102,8 @@ def test_submanifold_is_correct_with_two_threads():
 
 @pytest.mark.parametrize("size", [(9, 7), (5, 4, 6)])
 def test_gather_conv_computes_exact_output_set(size, device):
-    """Outputs on one pixel set, inputs read from the whole map's rows (missing neighbours: the zero row) or
-    from another row set (missing: -1)."""
+    """Outputs on one pixel set, inputs read from the whole map's rows or from another row set (in both, a
+    missing neighbour reads a zero row)."""
     torch.manual_seed(0)
     ndim = len(size)
     x = torch.randn(2, 6, *size, dtype=torch.float64, device=device, requires_grad=True)
@@ -120,14 +120,16 @@ def test_gather_conv_computes_exact_output_set(size, device):
     rx, rw = torch.autograd.grad(expected.sin().sum(), (x, w))
     assert torch.allclose(gx, rx) and torch.allclose(gw, rw)
 
-    # Inputs from a subset of rows (zeros elsewhere) through a position table with -1 for the others.
+    # Inputs from a subset of rows (zeros elsewhere) through a position table, the others at its zero row.
     in_mask = dilate(out_mask) & (torch.rand(2, 1, *size, device=device) < 0.7)
     in_flat = flat_index(mask_indices(in_mask), size)
-    position = torch.full((lay.rows + 1,), -1, dtype=torch.int64, device=device)
-    position[in_flat] = torch.arange(in_flat.shape[0], device=device)
+    zero = in_flat.shape[0]
+    position = torch.full((lay.rows + 1,), zero, dtype=torch.int64, device=device)
+    position[in_flat] = torch.arange(zero, device=device)
     table = position[lay.neighbours.index_select(0, out_flat)]
-    assert (table < 0).any()
-    got = gather_conv(to_rows(channels_last(x)).index_select(0, in_flat), w, table, missing=True)
+    assert (table == zero).any()
+    got = gather_conv(_padded_rows(x.movedim(1, -1).reshape(-1, 6).index_select(0, in_flat).t()[None, :, :, None]),
+                      w, table)
     ref = to_rows(channels_last(conv(x * in_mask, w.movedim(-1, 1), padding=1))).index_select(0, out_flat)
     assert torch.allclose(got, ref)
     gx, gw = torch.autograd.grad(got.sin().sum(), (x, w))
@@ -139,3 +141,24 @@ def test_gather_conv_without_outputs():
     w = torch.randn(3, 3, 3, 4, requires_grad=True)
     out = gather_conv(torch.randn(5, 4), w, torch.zeros(0, 9, dtype=torch.int64))
     assert out.shape == (0, 3)
+
+
+def test_gather_conv_chunks_do_not_change_the_result(monkeypatch):
+    """On CPU the gathered columns go through the GEMM in chunks; results and gradients do not depend on them."""
+    import sparsehead.layers.sparse as sparse
+
+    torch.manual_seed(0)
+    x = torch.randn(50, 4, dtype=torch.float64)
+    w = torch.randn(3, 3, 3, 4, dtype=torch.float64)
+    table = torch.randint(0, 50, (40, 9))
+
+    def run():
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = gather_conv(xs, ws, table)
+        return (out, *torch.autograd.grad(out.cos().sum(), (xs, ws)))
+
+    whole = run()
+    monkeypatch.setattr(sparse, "_CPU_CHUNK_BYTES", 3 * 36 * 8)  # 3 rows per chunk
+    assert len(sparse._chunks(40, 36 * 8, x.device)) == 14
+    for a, b in zip(whole, run()):
+        assert torch.allclose(a, b)
