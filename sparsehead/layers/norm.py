@@ -6,7 +6,8 @@ channel group the mean and variance are taken over the segment's *active* rows o
 group), then the usual affine transform is applied to every row. A segment with no active row gets
 mean 0 and variance 0; its outputs are never used.
 
-:class:`MaskedGroupNorm` holds the parameters; :func:`group_norm_rows` is the computation.
+:class:`MaskedGroupNorm` holds the parameters; :func:`group_norm_rows` computes it on rows in segments (the
+sparse engine), :func:`group_norm_maps` on the maps of one level (dense kernels).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import functools
 import torch
 from torch import nn
 
-__all__ = ["MaskedGroupNorm", "group_norm_rows"]
+__all__ = ["MaskedGroupNorm", "group_norm_rows", "group_norm_maps"]
 
 
 def group_norm_rows(
@@ -62,6 +63,27 @@ def group_norm_rows(
     return torch.addcmul(bias, centred, scale)
 
 
+def group_norm_maps(
+    x: torch.Tensor, mask: torch.Tensor | None, groups: int, weight: torch.Tensor, bias: torch.Tensor,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """GroupNorm of maps (N, C, *spatial) with statistics per image over the pixels where ``mask``
+    (N, 1, *spatial) is set (the same definition as :func:`group_norm_rows` with one segment per image);
+    ``mask`` None: every pixel (torch's GroupNorm). Channels-last maps are read without a copy."""
+    if mask is None:
+        return torch.group_norm(x, groups, weight, bias, eps, False)
+    n, c = x.shape[:2]
+    rows = x.movedim(1, -1).reshape(n, -1, groups, c // groups)  # (N, P, G, C / G)
+    m = mask.movedim(1, -1).reshape(n, -1, 1, 1).to(x.dtype)
+    count = (m.sum(dim=1) * (c // groups)).clamp_min(1.0)  # (N, 1, 1)
+    mean = (rows * m).sum(dim=(1, 3)) / count[:, :, 0]  # (N, G)
+    centred = rows - mean[:, None, :, None]
+    var = (centred.square() * m).sum(dim=(1, 3)) / count[:, :, 0]
+    scale = (var + eps).rsqrt()[:, None, :, None] * weight.view(1, 1, groups, -1)
+    out = torch.addcmul(bias.view(1, 1, groups, -1), centred, scale)  # (N, P, G, C / G)
+    return out.view(n, *x.shape[2:], c).movedim(-1, 1)
+
+
 @functools.lru_cache(maxsize=16)
 def _group_average(channels: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(C, C): ``x @ average`` replaces each channel of ``x`` by the mean over its group's channels."""
@@ -93,6 +115,10 @@ class MaskedGroupNorm(nn.Module):
     ) -> torch.Tensor:
         """:func:`group_norm_rows` of rows (M, C) in segments (M, S) with this module's affine parameters."""
         return group_norm_rows(rows, segments, self.num_groups, self.weight, self.bias, self.eps, mask, overwrite)
+
+    def forward_maps(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """:func:`group_norm_maps` of maps (N, C, *spatial) with this module's affine parameters."""
+        return group_norm_maps(x, mask, self.num_groups, self.weight, self.bias, self.eps)
 
     def macs_per_pixel(self) -> int:
         """One multiply-add per element once the statistics are folded into scale and shift."""

@@ -46,7 +46,7 @@ from torch.profiler import record_function
 
 from ..layers.gates import SpatialGate, expand_gate, rows_taps
 from ..layers.norm import MaskedGroupNorm, group_norm_rows
-from ..layers.resample import RESAMPLE_MODES
+from ..layers.resample import RESAMPLE_MODES, resample_map
 from ..layers.sites import SiteLayout, SiteRows
 from ..layers.sparse import SparseConvWeight, depthwise_rows, gather_conv, to_rows
 from ..utils.optional import import_spconv
@@ -288,13 +288,17 @@ class Router(nn.Module):
         masks = [(g > 0).any(dim=1) for g in gates]
         plans = self._plan(masks, lay, [(a, b) for _, a, b, _ in units])
         with record_function("sparsehead.scale"):
-            contributions = self._scale_units(x, units, gates, masks, plans)
+            contributions, maps = self._scale_units(x, units, gates, masks, plans)
         with record_function("sparsehead.scatter"):
             s = x.buf.mul_(self.output_weight) if owned else x.buf * self.output_weight
             for target, rows, taps in contributions:
                 s.index_add_(0, target, rows)
                 if depth_taps is not None:
                     depth_taps.index_add_(0, target, taps)
+            for dst, y in maps:
+                lay.level(s, dst).add_(y)
+            if maps and depth_taps is not None:  # the depth gate's taps of the node sum itself
+                depth_taps = rows_taps(s, self.depth.gate.conv.weight)
         with record_function("sparsehead.gate"):
             g = self._depth_gate(SiteRows(s, lay), depth_taps)
             inner = (g > 0).any(dim=1)
@@ -370,17 +374,22 @@ class Router(nn.Module):
 
     # ------------------------------------------------------------------------------------- scale paths
 
-    def _scale_units(self, x: SiteRows, units, gates, masks, plans) -> list[tuple[torch.Tensor, ...]]:
-        """The scale units' resampled outputs: (target rows (M·F,), rows (M·F, C), depth-gate taps of the
-        rows (M·F, G_d · 3^ndim) or None), scale weight included."""
+    def _scale_units(self, x: SiteRows, units, gates, masks, plans) -> tuple[list[tuple[torch.Tensor, ...]], list]:
+        """The scale units' resampled outputs, scale weight included: as rows (target rows (M·F,), rows
+        (M·F, C), depth-gate taps of the rows (M·F, G_d · 3^ndim) or None) and, for units run at all rows of
+        maps, as maps (destination level, (N, C, *spatial))."""
         lay = x.layout
         c = x.channels
         segments = lay.num_segments
         onehot = lay.onehot(x.buf.dtype)
+        maps = []
         ran, outputs, segs, stat_masks, gate_rows = [], [], [], [], []
         for (unit, a, b, table), gate, mask, (full, counts) in zip(units, gates, masks, plans):
             count = None if full else sum(counts)
             if count == 0:
+                continue
+            if full and lay.grid:
+                maps += self._unit_maps(unit, x, gate, mask, a, b)
                 continue
             rows = lay.arange(a, b) if full else torch.nonzero_static(mask, size=count)[:, 0]
             dense = lay.grid and (full or count > unit.gather_fraction * (lay.offsets[b] - lay.offsets[a]))
@@ -390,7 +399,7 @@ class Router(nn.Module):
             gate_rows.append(gate.index_select(0, rows))
             ran.append((unit, rows, table))
         if not ran:
-            return []
+            return [], maps
         used = [u.norm for u, _, _ in ran]
         weight = torch.cat([n.weight.expand(segments, c) for n in used])
         bias = torch.cat([n.bias.expand(segments, c) for n in used])
@@ -418,6 +427,25 @@ class Router(nn.Module):
                 t = rows_taps(part, depth_gate.conv.weight)
                 taps = (t[:, None, :] * w).reshape(-1, t.shape[1])
             out.append((target, spread, taps))
+        return out, maps
+
+    def _unit_maps(self, unit: ScaleUnit, x: SiteRows, gate: torch.Tensor, mask: torch.Tensor, first: int,
+                   last: int) -> list[tuple[int, torch.Tensor]]:
+        """The unit at every pixel of each of its source levels' maps (the dense kernels), statistics over its
+        active pixels: (destination level, resampled output (N, C, *spatial)) per source level."""
+        lay, w, b = x.layout, unit.conv.weight, unit.conv.bias
+        conv, c = _conv_nd(lay.ndim), x.channels
+        every = not self.gated and lay.valid is None  # statistics over every pixel: torch's GroupNorm
+        out = []
+        for lvl in range(first, last):
+            y = conv(lay.level(x.buf, lvl), w, b, padding=1, groups=c)
+            y = unit.norm.forward_maps(y, None if every else lay.level(mask[:, None], lvl))
+            y = y * expand_gate(lay.level(gate, lvl) * self.scale_weight, c)
+            dst = lvl + 1 if unit is self.down else lvl - 1
+            y = resample_map(y, lay.shapes[dst], lay.resample, down=dst > lvl)
+            if lay.valid is not None:  # nothing lands on batch padding
+                y = y * lay.level(lay.level_mask(dst, dst + 1, y.dtype), dst)
+            out.append((dst, y))
         return out
 
     def _depthwise(self, unit: ScaleUnit, x: SiteRows, rows: torch.Tensor, first: int, last: int, dense: bool,
@@ -452,6 +480,8 @@ class Router(nn.Module):
         full = plans[1][0]
         counts = None if full else [sum(c) for _, c in plans]
         with record_function("sparsehead.depth_conv"):
+            if full and lay.grid:
+                return self._depth_maps(s, g, inner, outer, owned)
             if full:
                 rows, h = lay.arange(0, lay.num_levels), self._depth_full(s, inner, outer)
             elif counts[1] == 0:
@@ -497,6 +527,28 @@ class Router(nn.Module):
         h2 = depth.norm2.forward_rows(h.features, seg, in_inner)
         keep = torch.nonzero_static(in_inner, size=n_inner)[:, 0]
         return q.index_select(0, keep), h2.index_select(0, keep)
+
+    def _depth_maps(self, s: SiteRows, g: torch.Tensor, inner, outer, owned: bool) -> SiteRows:
+        """The depth path at every pixel of each level's map (the dense kernels), statistics over its active
+        pixels; the output ``relu(s + g ⊙ h)`` in place of ``s`` when it is owned and autograd is off."""
+        lay, depth, c = s.layout, self.depth, s.channels
+        conv = _conv_nd(lay.ndim)
+        w1, w2 = depth.conv1.dense_weight(), depth.conv2.dense_weight()
+        inplace = owned and not torch.is_grad_enabled()
+        every = not self.gated and lay.valid is None  # every pixel on: torch's GroupNorm, no masks
+        out = []
+        for lvl in range(lay.num_levels):
+            x, o, i = lay.level(s.buf, lvl), lay.level(outer[:, None], lvl), lay.level(inner[:, None], lvl)
+            h = F.relu(depth.norm1.forward_maps(conv(x, w1, padding=1), None if every else o))
+            h = conv(h if every else h * o, w2, padding=1)
+            h = depth.norm2.forward_maps(h, None if every else i)
+            if not every:
+                h = h * expand_gate(lay.level(g, lvl), c)
+            out.append(x.add_(h).clamp_min_(0) if inplace else F.relu(x + h))
+        if inplace:
+            return s
+        rows = [y.movedim(1, -1).reshape(-1, c) for y in out] + [s.buf.new_zeros(1, c)]
+        return SiteRows(torch.cat(rows), lay)
 
     def _depth_full(self, s: SiteRows, inner, outer) -> torch.Tensor:
         """The depth path at every row (R, C): dense convs of each level (maps) or gathers (voxels),
