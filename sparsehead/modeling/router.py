@@ -436,11 +436,12 @@ class Router(nn.Module):
         lay, w, b = x.layout, unit.conv.weight, unit.conv.bias
         conv, c = _conv_nd(lay.ndim), x.channels
         every = not self.gated and lay.valid is None  # statistics over every pixel: torch's GroupNorm
+        mask, gate = mask[:, None].to(x.buf.dtype), gate * self.scale_weight  # once for all levels
         out = []
         for lvl in range(first, last):
             y = conv(lay.level(x.buf, lvl), w, b, padding=1, groups=c)
-            y = unit.norm.forward_maps(y, None if every else lay.level(mask[:, None], lvl))
-            y = y * expand_gate(lay.level(gate, lvl) * self.scale_weight, c)
+            y = unit.norm.forward_maps(y, None if every else lay.level(mask, lvl))
+            y = y * expand_gate(lay.level(gate, lvl), c)
             dst = lvl + 1 if unit is self.down else lvl - 1
             y = resample_map(y, lay.shapes[dst], lay.resample, down=dst > lvl)
             if lay.valid is not None:  # nothing lands on batch padding
@@ -536,9 +537,10 @@ class Router(nn.Module):
         w1, w2 = depth.conv1.dense_weight(), depth.conv2.dense_weight()
         inplace = owned and not torch.is_grad_enabled()
         every = not self.gated and lay.valid is None  # every pixel on: torch's GroupNorm, no masks
+        outer, inner = outer[:, None].to(s.buf.dtype), inner[:, None].to(s.buf.dtype)  # once for all levels
         out = []
         for lvl in range(lay.num_levels):
-            x, o, i = lay.level(s.buf, lvl), lay.level(outer[:, None], lvl), lay.level(inner[:, None], lvl)
+            x, o, i = lay.level(s.buf, lvl), lay.level(outer, lvl), lay.level(inner, lvl)
             h = F.relu(depth.norm1.forward_maps(conv(x, w1, padding=1), None if every else o))
             h = conv(h if every else h * o, w2, padding=1)
             h = depth.norm2.forward_maps(h, None if every else i)
