@@ -205,3 +205,15 @@ def test_eval_writes_metrics_and_rejects_other_architecture(dataset_root, tmp_pa
     with pytest.raises(ValueError, match="missing keys: .*head"):
         run_evaluation(tiny_cfg(dataset_root, tmp_path / "e", **{"model.head.num_convs": 2}),
                        str(out / "model_final.pth"))
+
+
+def test_budget_weight_ramps_up_over_the_warmup(dataset_root, tmp_path):
+    """model.head.budget_warmup: the budget term is scaled by iteration / warmup until then (gates start at
+    about 0.99, so the unscaled term is about 0.99 λ)."""
+    extra = {"model.head.kind": "dynamic", "model.head.budget_weight": 0.5, "solver.max_iter": 3}
+    Trainer(tiny_cfg(dataset_root, tmp_path / "ramp", **extra, **{"model.head.budget_warmup": 1000})).run()
+    Trainer(tiny_cfg(dataset_root, tmp_path / "flat", **extra)).run()
+    ramp, flat = read_log(tmp_path / "ramp"), read_log(tmp_path / "flat")
+    for it in (1, 2, 3):
+        assert flat[it]["loss_budget"] == pytest.approx(0.5 * 0.99, rel=0.05)
+        assert ramp[it]["loss_budget"] == pytest.approx(it / 1000 * 0.5 * 0.99, rel=0.05)
