@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from spconv.core import ConvAlgo
 
-from sparsehead.layers.sites import map_layout
+from sparsehead.layers.sites import SiteRows, map_layout
 from sparsehead.layers.sparse import (
     SparseConvWeight,
     channels_last,
@@ -162,3 +162,22 @@ def test_gather_conv_chunks_do_not_change_the_result(monkeypatch):
     assert len(sparse._chunks(40, 36 * 8, x.device)) == 14
     for a, b in zip(whole, run()):
         assert torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_conv_rows_rulebooks_agree_with_dense_conv(ndim, device):
+    """The depth path's one-conv kernel (the conv workload's) at chosen rows of a two-level pyramid: the
+    gathered GEMM (exact) and spconv's submanifold conv on what it reads give torch's conv of each level."""
+    from sparsehead.modeling.router import conv_rows
+
+    torch.manual_seed(0)
+    sizes = [(9, 7), (5, 4)] if ndim == 2 else [(5, 6, 4), (3, 3, 2)]
+    maps = [torch.randn(2, 4, *s, device=device) for s in sizes]
+    rows = SiteRows.from_maps(maps)
+    conv = SparseConvWeight(ndim, 4, 3, 3).to(device)
+    chosen = (torch.rand(rows.layout.rows, device=device) < 0.4).nonzero()[:, 0]
+    dense = (F.conv2d if ndim == 2 else F.conv3d)
+    expected = torch.cat([to_rows(channels_last(dense(m, conv.dense_weight(), padding=1))) for m in maps])
+    for rulebook in ("exact", "submanifold"):
+        out = conv_rows(conv, rows, chosen, rulebook)
+        assert torch.allclose(out, expected.index_select(0, chosen), atol=1e-5), rulebook
