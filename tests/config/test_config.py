@@ -126,7 +126,7 @@ def test_demo_config():
     assert cfg.data.synthetic.enabled
     assert cfg.model.head.kind == "dynamic" and cfg.model.head.execution == "sparse"
     assert 2 <= cfg.model.head.num_routers <= 4
-    assert cfg.model.head.budget_weight == pytest.approx(0.1)
+    assert cfg.model.head.budget_weight == pytest.approx(0.05) and cfg.solver.base_lr == pytest.approx(0.03)
     assert cfg.model.backbone.depth == 18
     assert cfg.output_dir.endswith("output/demo")
 
@@ -136,7 +136,9 @@ def test_demo_retinanet_config():
     demo = load_config(DEFAULT_CONFIG)
     assert cfg.model.arch == "retinanet" and demo.model.arch == "fcos"
     assert cfg.model.head.norm == "gn" and demo.model.head.norm == "none"  # only the plain head's towers differ
-    cfg.model.head.norm = "none"
+    # RetinaNet keeps its own budget weight and learning rate; everything else is the FCOS demo's.
+    assert (cfg.model.head.budget_weight, cfg.solver.base_lr) == (pytest.approx(0.1), pytest.approx(0.02))
+    cfg.model.head.norm, cfg.model.head.budget_weight, cfg.solver.base_lr = "none", 0.05, 0.03
     assert cfg.model.head == demo.model.head and cfg.solver == demo.solver and cfg.data == demo.data
     assert cfg.output_dir.endswith("output/demo_retinanet")
 

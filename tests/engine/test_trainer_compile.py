@@ -38,7 +38,8 @@ def test_compiled_training_losses_equal_eager(tmp_path):
             "data.synthetic.num_val=2", "data.synthetic.image_size=64", "data.synthetic.num_classes=3",
             "model.num_classes=3", "model.min_size=64", "model.max_size=64", "model.backbone.fpn_channels=32",
             "model.head.num_routers=1", "model.head.gn_groups=8", "data.flip_prob=0", "solver.max_iter=3",
-            "solver.ims_per_batch=2", "solver.warmup_iters=0", "solver.steps=[100]", "solver.log_period=1",
+            "solver.ims_per_batch=2", "solver.base_lr=0.005", "solver.warmup_iters=0", "solver.steps=[100]",
+            "solver.log_period=1",
             "solver.checkpoint_period=100", "test.ims_per_batch=2", f"solver.compile={str(compiled).lower()}",
         ])
         before = counters["stats"]["unique_graphs"]
