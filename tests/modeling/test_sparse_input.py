@@ -8,6 +8,7 @@ import spconv.pytorch as spconv
 import torch
 import torch.nn.functional as F
 from router_reference import reference_tower
+from tower_weights import randomise
 
 from sparsehead import DynamicTower, SpatialGate, collect_cost
 from sparsehead.layers.resample import half_size
@@ -54,22 +55,6 @@ def _tensors(masks: list[torch.Tensor], channels: int, seed: int = 1, dtype=torc
 def _dtype(device: torch.device) -> torch.dtype:
     """float64 on CPU for tight comparisons; spconv's CUDA kernels have no float64."""
     return torch.float64 if device.type == "cpu" else torch.float32
-
-
-def _randomise(tower: DynamicTower, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in tower.named_parameters():
-            if name.endswith("scale_weight"):
-                p.fill_(0.6)
-            elif name.endswith("output_weight"):
-                p.fill_(0.9)
-            elif "norm" in name:
-                p.add_(0.2 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-            elif "gate.conv.bias" in name:
-                p.fill_(0.5)
-            else:
-                p.copy_(0.15 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
 def _control_gates(tower: DynamicTower, masks: list[torch.Tensor], pattern: str, seed: int = 3) -> None:
@@ -173,7 +158,7 @@ PATTERNS = ["none", "one", "sparse", "all", "mixed_batch"]
 def test_single_level_dense_equals_sparse(pattern, device):
     torch.manual_seed(0)
     tower = DynamicTower(8, 2, ndim=3, num_levels=1, gn_groups=2)
-    _randomise(tower, 1)
+    randomise(tower, 1)
     masks = _masks(1)
     _control_gates(tower, masks, pattern)
     inputs = _tensors(masks, 8, dtype=_dtype(device), device=device)
@@ -186,7 +171,7 @@ def test_single_level_dense_equals_sparse(pattern, device):
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_pyramid_dense_equals_sparse(pattern, device):
     tower = DynamicTower(8, 2, ndim=3, num_levels=3, gn_groups=2)
-    _randomise(tower, 2)
+    randomise(tower, 2)
     masks = _masks(3, seed=4)
     _control_gates(tower, masks, pattern)
     _check(tower, _tensors(masks, 8, seed=5, dtype=_dtype(device), device=device))
@@ -203,7 +188,7 @@ def test_pyramid_dense_equals_sparse(pattern, device):
 def test_natural_gates_and_variants(options, device):
     """Gates computed by the model itself (bias 0: part of the voxels active), 2 levels."""
     tower = DynamicTower(8, 2, ndim=3, num_levels=2, gn_groups=2, **options)
-    _randomise(tower, 6)
+    randomise(tower, 6)
     with torch.no_grad():
         for m in tower.modules():
             if isinstance(m, SpatialGate):
@@ -235,7 +220,7 @@ def test_cost_full_counts_voxels():
 def test_full_grid_equals_dense_tower(levels):
     """With every voxel present, forward_sparse is the dense-input tower on the same volumes."""
     tower = DynamicTower(8, 2, ndim=3, num_levels=levels, gn_groups=2)
-    _randomise(tower, 10)
+    randomise(tower, 10)
     with torch.no_grad():
         for m in tower.modules():
             if isinstance(m, SpatialGate):
@@ -343,7 +328,7 @@ def test_bad_pyramids():
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
 def test_autocast_runs_in_float32(mode, device):
     tower = DynamicTower(8, 2, ndim=3, num_levels=2, gn_groups=2, execution=mode)
-    _randomise(tower, 13)
+    randomise(tower, 13)
     tower.to(device)
     low = torch.float16 if device.type == "cuda" else torch.bfloat16
     xs = _tensors(_masks(2, seed=14), 8, dtype=low, device=device)

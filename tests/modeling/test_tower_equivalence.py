@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from router_reference import reference_tower
+from tower_weights import randomise
 
 from sparsehead import DynamicTower, SpatialGate, collect_cost
 from sparsehead.layers.sites import SiteRows
@@ -15,23 +16,6 @@ def _use_rulebook(tower: DynamicTower, rulebook: str) -> None:
     for m in tower.modules():
         if isinstance(m, DepthPath):
             m.rulebook = rulebook
-
-
-def _randomise(tower: DynamicTower, seed: int) -> None:
-    """Move the weights away from their init so every path and gate matters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in tower.named_parameters():
-            if name.endswith("scale_weight"):
-                p.fill_(0.6)
-            elif name.endswith("output_weight"):
-                p.fill_(0.9)
-            elif "norm" in name:
-                p.add_(0.2 * torch.randn(p.shape, generator=gen))
-            elif "gate.conv.bias" in name:
-                p.fill_(0.5)
-            else:
-                p.copy_(0.15 * torch.randn(p.shape, generator=gen))
 
 
 def _pattern(shape: torch.Size, density: float | list[float], seed: int) -> torch.Tensor:
@@ -146,7 +130,7 @@ def test_2d_tower_dense_equals_sparse(make_pyramid, density, rulebook, device):
     torch.manual_seed(0)
     tower = DynamicTower(16, 2, ndim=2, gn_groups=4, num_levels=4)
     _use_rulebook(tower, rulebook)
-    _randomise(tower, seed=1)
+    randomise(tower, seed=1)
     _control_gates(tower, DENSITIES[density])
     feats = make_pyramid(2, 16, (13, 19), 4, seed=2)  # odd sizes: 13×19 → 7×10 → 4×5 → 2×3
     out, _, grads, cost = _check_equivalence(tower, feats, device=device)
@@ -163,7 +147,7 @@ def test_scale_units_gathered_or_full_map_depthwise_agree(make_pyramid, gather_f
     """Both ways the sparse mode runs a scale unit's depthwise conv compute the dense function."""
     monkeypatch.setattr(ScaleUnit, "gather_fraction", gather_fraction)
     tower = DynamicTower(8, 1, ndim=ndim, gn_groups=2, num_levels=3)
-    _randomise(tower, seed=3)
+    randomise(tower, seed=3)
     _control_gates(tower, DENSITIES["mixed_batch"])
     size = (9, 11) if ndim == 2 else (5, 6, 7)
     _check_equivalence(tower, make_pyramid(2, 8, size, 3, seed=4), device=device)
@@ -172,7 +156,7 @@ def test_scale_units_gathered_or_full_map_depthwise_agree(make_pyramid, gather_f
 def test_2d_natural_gates_without_control(make_pyramid, device):
     """Gates computed by the model itself (no mask): roughly half the pixels active."""
     tower = DynamicTower(16, 3, ndim=2, gn_groups=8, num_levels=5)
-    _randomise(tower, seed=3)
+    randomise(tower, seed=3)
     with torch.no_grad():
         for m in tower.modules():
             if isinstance(m, SpatialGate):
@@ -188,7 +172,7 @@ def test_2d_natural_gates_without_control(make_pyramid, device):
 def test_3d_tower_dense_equals_sparse(make_pyramid, density, rulebook, device):
     tower = DynamicTower(8, 2, ndim=3, gn_groups=2, num_levels=3)
     _use_rulebook(tower, rulebook)
-    _randomise(tower, seed=5)
+    randomise(tower, seed=5)
     _control_gates(tower, DENSITIES[density])
     feats = make_pyramid(2, 8, (7, 6, 5), 3, seed=6)
     _check_equivalence(tower, feats, device=device)
@@ -196,7 +180,7 @@ def test_3d_tower_dense_equals_sparse(make_pyramid, density, rulebook, device):
 
 def test_auto_mode_equals_dense(make_pyramid, device):
     tower = DynamicTower(16, 2, gn_groups=4, num_levels=4, auto_threshold=0.3)
-    _randomise(tower, seed=7)
+    randomise(tower, seed=7)
     # Different densities per gate so auto mixes sparse and dense paths within one forward.
     _control_gates(tower, lambda shape, i: _pattern(shape, [0.1, 0.6, 0.9][i % 3], i))
     feats = make_pyramid(2, 16, (13, 11), 4, seed=8)
@@ -208,7 +192,7 @@ def test_auto_thresholds_zero_and_one_run_one_mode(make_pyramid, monkeypatch, th
     """auto at threshold 0 runs every path at all rows without reading a count from the device (an empty
     path included), at 1 every path at its active rows."""
     tower = DynamicTower(16, 2, gn_groups=4, num_levels=3, execution="auto", auto_threshold=threshold)
-    _randomise(tower, seed=7)
+    randomise(tower, seed=7)
     _control_gates(tower, lambda shape, i: _pattern(shape, [0.0, 0.5, 1.0][i % 3], i))
     plans = []
     original = Router._plan
@@ -229,7 +213,7 @@ def test_auto_thresholds_zero_and_one_run_one_mode(make_pyramid, monkeypatch, th
 ])
 def test_gate_variants_dense_equals_sparse(make_pyramid, options, device):
     tower = DynamicTower(16, 2, gn_groups=4, num_levels=3, **options)
-    _randomise(tower, seed=9)
+    randomise(tower, seed=9)
     if options.get("gated", True):
         with torch.no_grad():
             for m in tower.modules():
@@ -241,7 +225,7 @@ def test_gate_variants_dense_equals_sparse(make_pyramid, options, device):
 
 def test_switching_modes_keeps_weights_and_is_reversible(make_pyramid):
     tower = DynamicTower(16, 1, gn_groups=4, num_levels=3)
-    _randomise(tower, seed=11)
+    randomise(tower, seed=11)
     feats = make_pyramid(1, 16, (8, 8), 3)
     before = {k: v.clone() for k, v in tower.state_dict().items()}
     tower.set_execution("sparse")
@@ -258,7 +242,7 @@ def test_switching_modes_keeps_weights_and_is_reversible(make_pyramid):
 
 def test_float32_dense_equals_sparse(make_pyramid, device):
     tower = DynamicTower(32, 2, gn_groups=8, num_levels=5)
-    _randomise(tower, seed=12)
+    randomise(tower, seed=12)
     _control_gates(tower, lambda shape, i: _pattern(shape, [0.3, 0.7], i))
     feats = make_pyramid(2, 32, (25, 38), 5, seed=13)
     _check_equivalence(tower, feats, dtype=torch.float32, params=False, device=device)
@@ -270,7 +254,7 @@ def test_inference_without_autograd_matches_and_leaves_inputs_untouched(make_pyr
     copies), never into the tower's inputs."""
     tower = DynamicTower(16, 2, gn_groups=4, num_levels=4)
     _use_rulebook(tower, rulebook)
-    _randomise(tower, seed=14)
+    randomise(tower, seed=14)
     # Levels with no, few and many active pixels (the inactive one takes the relu-only branch).
     _control_gates(tower, lambda shape, i: _pattern(shape, [0.0, 0.2, 0.8][i % 3], i))
     tower.to(device)
@@ -292,7 +276,7 @@ def test_inference_without_autograd_matches_and_leaves_inputs_untouched(make_pyr
 @pytest.mark.parametrize("mode", ["dense", "sparse", "auto"])
 def test_router_overwrites_handed_over_rows_only_without_autograd(make_pyramid, mode, device):
     tower = DynamicTower(16, 1, gn_groups=4, num_levels=3, execution=mode)
-    _randomise(tower, seed=16)
+    randomise(tower, seed=16)
     _control_gates(tower, lambda shape, i: _pattern(shape, [0.2, 0.6, 1.0][i % 3], i))
     router = tower.routers[0].to(device)
     feats = [f.to(device) for f in make_pyramid(1, 16, (12, 10), 3, seed=17)]
@@ -316,7 +300,7 @@ def test_autocast_runs_routers_in_float32(make_pyramid, mode, device):
     """Under autocast the routers compute the float32 function of their (low-precision) inputs, in every
     mode, and backpropagate."""
     tower = DynamicTower(16, 2, gn_groups=4, num_levels=3, execution=mode)
-    _randomise(tower, seed=18)
+    randomise(tower, seed=18)
     tower.to(device)
     _control_gates(tower, lambda shape, i: _pattern(shape, [0.2, 0.6][i % 2], i))
     low = torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
@@ -335,7 +319,7 @@ def test_autocast_runs_routers_in_float32(make_pyramid, mode, device):
 def test_single_level_and_any_number_of_levels(make_pyramid, device):
     """Without ``num_levels`` a tower takes any number of levels; one level has no scale paths."""
     tower = DynamicTower(16, 2, gn_groups=4)
-    _randomise(tower, seed=20)
+    randomise(tower, seed=20)
     _control_gates(tower, lambda shape, i: _pattern(shape, 0.4, i))
     for levels in (1, 3):
         _check_equivalence(tower, make_pyramid(2, 16, (11, 9), levels, seed=21), device=device)
@@ -343,7 +327,7 @@ def test_single_level_and_any_number_of_levels(make_pyramid, device):
 
 def test_batch_of_four_with_very_different_densities(make_pyramid, device):
     tower = DynamicTower(16, 2, gn_groups=4, num_levels=3)
-    _randomise(tower, seed=22)
+    randomise(tower, seed=22)
     _control_gates(tower, lambda shape, i: _pattern(shape, [0.0, 0.02, 0.5, 1.0], i))
     _check_equivalence(tower, make_pyramid(4, 16, (12, 13), 3, seed=23), device=device)
 
@@ -354,7 +338,7 @@ def test_resampling_and_scale_bias_options(make_pyramid, ndim, resample, scale_b
     """The reference's choices (bilinear/trilinear resampling with aligned corners, a bias in the scale units'
     depthwise convs) hold the dense == sparse == reference equivalence, odd sizes and mixed densities."""
     tower = DynamicTower(16, 2, ndim=ndim, gn_groups=4, resample=resample, scale_bias=scale_bias)
-    _randomise(tower, seed=24)
+    randomise(tower, seed=24)
     _control_gates(tower, lambda shape, i: _pattern(shape, [0.9, 0.05], i))
     size = (13, 19) if ndim == 2 else (7, 6, 5)
     _check_equivalence(tower, make_pyramid(2, 16, size, 3, seed=25), modes=("dense", "sparse", "auto"), device=device)
