@@ -309,7 +309,7 @@ class Router(nn.Module):
             if rulebook == "submanifold" and self.execution != "dense":
                 sets.append(lay.neighbour_max(outer[:, None].to(s.dtype))[:, 0] > 0)  # what conv1 reads
         plans = self._plan(sets, lay, [(0, levels)] * len(sets))
-        out = self._depth(SiteRows(s, lay), g, inner, outer, owned, rulebook, plans)
+        out = self._depth(SiteRows(s, lay), g, sets, owned, rulebook, plans)
         self.last_cost = self._cost(lay, units, raw, g, pooled, inner, outer)
         if self.keep_gates:
             kept = {"down": {}, "up": {}, "depth": {}}
@@ -473,11 +473,13 @@ class Router(nn.Module):
 
     # -------------------------------------------------------------------------------------- depth path
 
-    def _depth(self, s: SiteRows, g: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor, owned: bool,
-               rulebook: str, plans) -> SiteRows:
-        """``relu(s + g ⊙ h)`` with ``h`` the depth path's output at its active rows (zero elsewhere); ``plans``
-        for the inner rows, the outer rows (and for ``submanifold`` the rows conv1 reads)."""
+    def _depth(self, s: SiteRows, g: torch.Tensor, sets: Sequence[torch.Tensor], owned: bool, rulebook: str,
+               plans) -> SiteRows:
+        """``relu(s + g ⊙ h)`` with ``h`` the depth path's output at its active rows (zero elsewhere). ``sets``
+        (R,) bool and their ``plans``: the inner rows, the outer rows (and for ``submanifold`` the rows conv1
+        reads)."""
         lay, buf = s.layout, s.buf
+        inner, outer = sets[0], sets[1]
         full = plans[1][0]
         counts = None if full else [sum(c) for _, c in plans]
         with record_function("sparsehead.depth_conv"):
@@ -490,7 +492,7 @@ class Router(nn.Module):
             elif rulebook == "exact":
                 rows, h = self._depth_exact(s, inner, outer, counts[0], counts[1])
             else:
-                rows, h = self._depth_submanifold(s, inner, outer, counts[0], counts[2])
+                rows, h = self._depth_submanifold(s, inner, outer, sets[2], counts[0], counts[2])
         with record_function("sparsehead.scatter"):
             if h is None:
                 out = buf.clamp_min_(0) if owned else buf.clamp_min(0)
@@ -514,10 +516,10 @@ class Router(nn.Module):
         h = gather_conv(h, depth.conv2.weight, position[lay.neighbours.index_select(0, d)])
         return d, depth.norm2.forward_rows(h, onehot.index_select(0, d), overwrite=True)
 
-    def _depth_submanifold(self, s: SiteRows, inner, outer, n_inner: int, n_read: int):
-        """Both convs as spconv submanifold convs on the rows conv1 reads, all levels in one tensor."""
+    def _depth_submanifold(self, s: SiteRows, inner, outer, read, n_inner: int, n_read: int):
+        """Both convs as spconv submanifold convs on the rows conv1 reads (``read``), all levels in one
+        tensor."""
         lay, depth = s.layout, self.depth
-        read = lay.neighbour_max(outer[:, None].to(s.buf.dtype))[:, 0] > 0
         q = torch.nonzero_static(read, size=n_read)[:, 0]
         seg = lay.onehot(s.buf.dtype).index_select(0, q)
         x = spconv_rows(s, q)
