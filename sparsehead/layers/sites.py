@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from .resample import RESAMPLE_MODES, grid_tables
 
 __all__ = ["SiteLayout", "SiteRows", "map_layout", "index_layout", "kernel_offsets"]
+
+T = TypeVar("T")
 
 
 def kernel_offsets(ndim: int, kernel_size: int = 3) -> torch.Tensor:
@@ -92,6 +94,12 @@ class SiteLayout:
     @property
     def device(self) -> torch.device:
         return self.segment.device
+
+    def cached(self, key: tuple, build: Callable[[], T]) -> T:
+        """``build()`` once per ``key`` for this layout: tables derived from it, kept as long as it is."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
 
     def level_rows(self, first: int, last: int) -> tuple[int, int]:
         """Row range ``[a, b)`` of levels ``first`` .. ``last - 1``."""

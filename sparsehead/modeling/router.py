@@ -602,17 +602,18 @@ class Router(nn.Module):
         paper = [19 * self.channels] * len(ranges) + [conv1, conv2]  # the reference: 9·C twice plus the norm
         gate = self.unit_costs()["gate"][0]
         key = ("router_cost", tuple(ranges), tuple(ours), tuple(paper), gate)
-        if key not in lay._cache:
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
             levels, paths = lay.num_levels, len(ours)
-            ranges = ranges + [(0, levels)] * 2
             weights = torch.zeros(levels, 2 * paths, 4)
             full = torch.zeros(levels, 3)
-            for k, ((a, b), m, p) in enumerate(zip(ranges, ours, paper)):
+            for k, ((a, b), m, p) in enumerate(zip(ranges + [(0, levels)] * 2, ours, paper)):
                 weights[a:b, k, 0] = weights[a:b, paths + k, 1] = m  # where the path exists
                 weights[:, k, 2] = weights[:, paths + k, 3] = p  # the reference counts every level
                 full[a:b, 0] += m
                 full[:, 1] += p
                 if k != paths - 2:  # one gate per unit and one for the depth path (conv1 and conv2 share it)
                     full[a:b, 2] += gate
-            lay._cache[key] = (weights.to(lay.device), full.to(lay.device))
-        return lay._cache[key]
+            return weights.to(lay.device), full.to(lay.device)
+
+        return lay.cached(key, build)
