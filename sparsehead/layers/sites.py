@@ -107,42 +107,34 @@ class SiteLayout:
 
     def level_mask(self, first: int, last: int, dtype: torch.dtype) -> torch.Tensor:
         """(R, 1) ``dtype``: 1 at the sites of levels ``first`` .. ``last - 1``, else 0 (cached)."""
-        key = ("level_mask", first, last, dtype)
-        if key not in self._cache:
+
+        def build() -> torch.Tensor:
             m = torch.zeros(self.rows, 1, dtype=dtype, device=self.device)
             a, b = self.level_rows(first, last)
             m[a:b] = 1
             if self.valid is not None:
                 m *= self.valid[:, None].to(dtype)
-            self._cache[key] = m
-        return self._cache[key]
+            return m
+
+        return self.cached(("level_mask", first, last, dtype), build)
 
     def arange(self, first: int, last: int) -> torch.Tensor:
         """(M,) int64: the rows of levels ``first`` .. ``last - 1`` (cached)."""
-        key = ("arange", first, last)
-        if key not in self._cache:
-            a, b = self.level_rows(first, last)
-            self._cache[key] = torch.arange(a, b, device=self.device)
-        return self._cache[key]
+        return self.cached(("arange", first, last), lambda: torch.arange(*self.level_rows(first, last),
+                                                                          device=self.device))
 
     def site_count(self, first: int, last: int) -> int:
         """Sites of levels ``first`` .. ``last - 1`` in all images (cached; read from the device once)."""
-        key = ("site_count", first, last)
-        if key not in self._cache:
-            a, b = self.level_rows(first, last)
-            self._cache[key] = b - a if self.valid is None else int(self.valid[a:b].sum())
-        return self._cache[key]
+        a, b = self.level_rows(first, last)
+        return self.cached(("site_count", first, last),
+                           lambda: b - a if self.valid is None else int(self.valid[a:b].sum()))
 
     def tap_index(self, columns: int, groups: int) -> torch.Tensor:
         """(R, groups, K) flat positions into a (R + 1, columns * K) tensor of per-tap products: entry
         ``[r, j, t]`` is tap ``t`` of column group ``j`` at the neighbour ``t`` of row ``r`` (cached)."""
-        key = ("tap_index", columns, groups)
-        if key not in self._cache:
-            k = self.neighbours.shape[1]
-            base = self.neighbours[:, None, :] * (columns * k)
-            cols = torch.arange(groups * k, device=self.device).view(1, groups, k)
-            self._cache[key] = base + cols
-        return self._cache[key]
+        k = self.neighbours.shape[1]
+        return self.cached(("tap_index", columns, groups), lambda: self.neighbours[:, None, :] * (columns * k)
+                           + torch.arange(groups * k, device=self.device).view(1, groups, k))
 
     def gate_conv(self, taps: torch.Tensor, groups: int, bias: torch.Tensor | None) -> torch.Tensor:
         """A gate conv from per-tap products ``taps`` (R + 1, columns * K) (:func:`~sparsehead.layers.gates.
@@ -160,13 +152,12 @@ class SiteLayout:
     def onehot(self, dtype: torch.dtype, sites_only: bool = False) -> torch.Tensor:
         """(R, S) ``dtype``: each row's segment, one-hot (cached); ``sites_only``: zero rows off the sites.
         Segment sums are ``onehot.t() @ values`` and per-segment values back on rows ``onehot @ table``."""
-        key = ("onehot", dtype, sites_only)
-        if key not in self._cache:
+
+        def build() -> torch.Tensor:
             oh = F.one_hot(self.segment, self.num_segments).to(dtype)
-            if sites_only and self.valid is not None:
-                oh = oh * self.valid[:, None].to(dtype)
-            self._cache[key] = oh
-        return self._cache[key]
+            return oh * self.valid[:, None].to(dtype) if sites_only and self.valid is not None else oh
+
+        return self.cached(("onehot", dtype, sites_only), build)
 
     def per_level_image(self, values: torch.Tensor) -> torch.Tensor:
         """Sums (L, N, X) over the sites of each level and image of per-row ``values`` (R, X)."""
@@ -175,10 +166,8 @@ class SiteLayout:
 
     def sites_per_level_image(self) -> torch.Tensor:
         """(L, N) float32: sites of each level in each image (cached)."""
-        key = "sites_per_level_image"
-        if key not in self._cache:
-            self._cache[key] = self.per_level_image(torch.ones(self.rows, 1, device=self.device))[:, :, 0]
-        return self._cache[key]
+        return self.cached(("sites_per_level_image",),
+                           lambda: self.per_level_image(torch.ones(self.rows, 1, device=self.device))[:, :, 0])
 
     def segment_mean(self, values: torch.Tensor) -> torch.Tensor:
         """Each row replaced by the mean of ``values`` (R, G) over the sites of its segment: (R, G)."""
