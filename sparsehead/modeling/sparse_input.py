@@ -161,7 +161,7 @@ def forward_sparse(tower: DynamicTower, features):
     """
     levels = check_sparse_input(tower, features)
     layout = index_layout([x.indices for x in levels], [x.spatial_shape for x in levels], int(levels[0].batch_size),
-                          getattr(tower, "resample", "pool"))
+                          tower.resample)
     rows = torch.cat([x.features for x in levels] + [levels[0].features.new_zeros(1, tower.channels)])
     out = tower.run(SiteRows(rows, layout)).buf
     result = [x.replace_feature(out[a:b]) for x, a, b in zip(levels, layout.offsets, layout.offsets[1:])]
