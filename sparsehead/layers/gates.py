@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .sites import SiteRows
+from .sparse import from_rows, to_rows
 
 __all__ = [
     "GeReTanH", "SigmoidGate", "SoftmaxGate", "SpatialGate", "apply_gates", "build_gate_activation",
@@ -216,8 +217,8 @@ def conv_taps(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     Linear in ``x``; channels-last memory (its rows are :func:`rows_taps` of ``x``'s rows).
     """
-    n, c, *size = x.shape
-    return rows_taps(x.movedim(1, -1).reshape(-1, c), weight).view(n, *size, -1).movedim(-1, 1)
+    taps = rows_taps(to_rows(x), weight)
+    return from_rows(taps, (x.shape[0], taps.shape[1], *x.shape[2:]))
 
 
 def rows_taps(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .resample import RESAMPLE_MODES, grid_tables
+from .sparse import from_rows, to_rows
 
 __all__ = ["SiteLayout", "SiteRows", "map_layout", "index_layout", "kernel_offsets"]
 
@@ -179,7 +180,7 @@ class SiteLayout:
         """Rows (R, X) from per-level dense tensors (N, X, *shape_l), read at each level's rows."""
         out = []
         for lvl, v in enumerate(values):
-            rows = v.movedim(1, -1).reshape(-1, v.shape[1])
+            rows = to_rows(v)
             if not self.grid:
                 a, b = self.level_rows(lvl, lvl + 1)
                 pix = _flat(self.image[a:b], self.coords[a:b], self.shapes[lvl])
@@ -194,7 +195,7 @@ class SiteLayout:
         part = rows[a:b]
         if not self.grid:
             return part
-        return part.view(self.batch, *self.shapes[lvl], rows.shape[1]).movedim(-1, 1)
+        return from_rows(part, (self.batch, rows.shape[1], *self.shapes[lvl]))
 
 
 def _flat(image: torch.Tensor, coords: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -239,7 +240,7 @@ class SiteRows:
         buf = first.new_empty(layout.rows + 1, c)
         for lvl, m in enumerate(maps):
             a, b = layout.level_rows(lvl, lvl + 1)
-            buf[a:b].view(n, *m.shape[2:], c).copy_(m.movedim(1, -1))
+            from_rows(buf[a:b], m.shape).copy_(m)
         buf[-1].zero_()
         if layout.valid is not None:
             buf[:-1].mul_(layout.valid[:, None].to(buf.dtype))

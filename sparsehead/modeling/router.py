@@ -551,7 +551,7 @@ class Router(nn.Module):
             out.append(x.add_(h).clamp_min_(0) if inplace else F.relu(x + h))
         if inplace:
             return s
-        rows = [y.movedim(1, -1).reshape(-1, c) for y in out] + [s.buf.new_zeros(1, c)]
+        rows = [to_rows(y) for y in out] + [s.buf.new_zeros(1, c)]
         return SiteRows(torch.cat(rows), lay)
 
     def _depth_full(self, s: SiteRows, inner, outer) -> torch.Tensor:
