@@ -92,12 +92,34 @@ def _malloc_trim() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
-def peak_memory_mb(fn: Callable[[], Any], device: torch.device, interval: float = 0.0005) -> float:
-    """Peak memory growth during ``fn()`` in MiB.
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-    CUDA: ``max_memory_allocated`` above the allocation before the call (exact). CPU: the process's
-    RSS sampled every ``interval`` seconds by a thread, peak minus the RSS before the call, after
-    returning freed heap to the OS; a sampled lower bound of the true peak.
+
+def _heap_reader() -> Optional[Callable[[], int]]:
+    """Bytes the C heap has handed out and not taken back (glibc ``mallinfo2``: ``uordblks + hblkhd``, the
+    CPU counterpart of ``torch.cuda.memory_allocated``), or None where glibc's ``mallinfo2`` is missing."""
+    try:
+        info = ctypes.CDLL(None).mallinfo2
+    except (AttributeError, OSError):
+        return None
+    info.restype = _MallInfo2
+
+    def read() -> int:
+        m = info()
+        return m.uordblks + m.hblkhd
+
+    return read
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: torch.device, interval: float = 0.0005) -> float:
+    """Peak memory allocated during ``fn()`` above what was allocated before it, in MiB.
+
+    CUDA: ``max_memory_allocated`` (exact). CPU: the C heap's bytes in use (glibc ``mallinfo2``), sampled
+    every ``interval`` seconds by a thread, a lower bound of the true peak; memory the allocator keeps after
+    a free does not count, as on CUDA. Without glibc: the process's RSS, sampled the same way after
+    returning freed heap to the OS.
     """
     if device.type == "cuda":
         sync(device)
@@ -106,15 +128,21 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device, interval: float 
         fn()
         sync(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    _malloc_trim()
-    proc = psutil.Process()
-    base = proc.memory_info().rss
+    read = _heap_reader()
+    if read is None:
+        _malloc_trim()
+        proc = psutil.Process()
+
+        def read() -> int:
+            return proc.memory_info().rss
+
+    base = read()
     peak = [base]
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
+            peak[0] = max(peak[0], read())
             time.sleep(interval)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -124,7 +152,7 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device, interval: float 
     finally:
         done.set()
         th.join()
-    peak[0] = max(peak[0], proc.memory_info().rss)
+    peak[0] = max(peak[0], read())
     return (peak[0] - base) / 2**20
 
 

@@ -54,12 +54,13 @@ def group_norm_rows(
     centred = rows.sub_(segments @ mean) if inplace else rows - segments @ mean
     var = (stats.t() @ centred.square()) @ average / count
     scale = (var + eps).rsqrt() * weight  # (S, C)
+    if inplace:  # one (M, C) temporary at a time
+        centred.mul_(segments @ scale)
+        return centred.add_(segments @ bias if bias.dim() == 2 else bias)
     if bias.dim() == 2:  # per-segment bias: scattered with the scale
         scale, bias = (segments @ torch.cat([scale, bias], dim=1)).split(c, dim=1)
     else:
         scale = segments @ scale
-    if inplace:
-        return centred.mul_(scale).add_(bias)
     return torch.addcmul(bias, centred, scale)
 
 

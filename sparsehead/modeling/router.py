@@ -288,17 +288,10 @@ class Router(nn.Module):
         masks = [(g > 0).any(dim=1) for g in gates]
         plans = self._plan(masks, lay, [(a, b) for _, a, b, _ in units])
         with record_function("sparsehead.scale"):
-            contributions, maps = self._scale_units(x, units, gates, masks, plans)
-        with record_function("sparsehead.scatter"):
-            s = x.buf.mul_(self.output_weight) if owned else x.buf * self.output_weight
-            for target, rows, taps in contributions:
-                s.index_add_(0, target, rows)
-                if depth_taps is not None:
-                    depth_taps.index_add_(0, target, taps)
-            for dst, y in maps:
-                lay.level(s, dst).add_(y)
-            if maps and depth_taps is not None:  # the depth gate's taps of the node sum itself
-                depth_taps = rows_taps(s, self.depth.gate.conv.weight)
+            scaled = self._scale_units(x, units, gates, masks, plans)
+        with record_function("sparsehead.scatter"):  # the units' outputs are freed once summed
+            s, depth_taps = self._node_sum(x, owned, *scaled, depth_taps)
+            del scaled
         with record_function("sparsehead.gate"):
             g = self._depth_gate(SiteRows(s, lay), depth_taps)
             inner = (g > 0).any(dim=1)
@@ -374,10 +367,31 @@ class Router(nn.Module):
 
     # ------------------------------------------------------------------------------------- scale paths
 
+    def _node_sum(self, x: SiteRows, owned: bool, contributions, maps, depth_taps: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The node sum ``output_weight · x + Σ units`` (R + 1, C) from the scale units' outputs (as
+        :meth:`_scale_units` returns them, each resampled here through its table's (M, F) targets and
+        weights), in place of ``x`` when ``owned``; and the depth gate's taps of it."""
+        lay, c = x.layout, x.channels
+        s = x.buf.mul_(self.output_weight) if owned else x.buf * self.output_weight
+        depth_gate = self.depth.gate
+        for part, rows, (index, weight) in contributions:  # resampled one unit at a time
+            w = weight.index_select(0, rows).to(part.dtype)[:, :, None]  # (M, F, 1)
+            target = index.index_select(0, rows).reshape(-1)
+            s.index_add_(0, target, (part[:, None, :] * w).reshape(-1, c))
+            if depth_taps is not None:
+                t = rows_taps(part, depth_gate.conv.weight)
+                depth_taps.index_add_(0, target, (t[:, None, :] * w).reshape(-1, t.shape[1]))
+        for dst, y in maps:
+            lay.level(s, dst).add_(y)
+        if maps and depth_taps is not None:  # the depth gate's taps of the node sum itself
+            depth_taps = rows_taps(s, self.depth.gate.conv.weight)
+        return s, depth_taps
+
     def _scale_units(self, x: SiteRows, units, gates, masks, plans) -> tuple[list[tuple[torch.Tensor, ...]], list]:
-        """The scale units' resampled outputs, scale weight included: as rows (target rows (M·F,), rows
-        (M·F, C), depth-gate taps of the rows (M·F, G_d · 3^ndim) or None) and, for units run at all rows of
-        maps, as maps (destination level, (N, C, *spatial))."""
+        """The scale units' outputs, scale weight included: as rows at their source (outputs (M, C), their rows
+        (M,), the unit's resampling table) and, for units run at all rows of maps, as resampled maps
+        (destination level, (N, C, *spatial))."""
         lay = x.layout
         c = x.channels
         segments = lay.num_segments
@@ -409,25 +423,13 @@ class Router(nn.Module):
                                for m, (_, r, _) in zip(stat_masks, ran)])
         # One GroupNorm for both units: the second unit's segments come after the first's.
         segs = torch.block_diag(*segs) if len(segs) > 1 else segs[0]
-        y = group_norm_rows(torch.cat(outputs), segs, used[0].num_groups, weight, bias, used[0].eps, stats,
-                            overwrite=True)
+        y = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        outputs.clear()  # y holds them now
+        y = group_norm_rows(y, segs, used[0].num_groups, weight, bias, used[0].eps, stats, overwrite=True)
         gate = expand_gate(torch.cat(gate_rows) * self.scale_weight, c)
         y = y * gate if torch.is_grad_enabled() else y.mul_(gate)
-        out = []
-        start = 0
-        depth_gate = self.depth.gate
-        for _, rows, (index, weight) in ran:
-            part = y[start:start + rows.shape[0]]
-            start += rows.shape[0]
-            w = weight.index_select(0, rows).to(y.dtype)[:, :, None]  # (M, F, 1)
-            target = index.index_select(0, rows).reshape(-1)
-            spread = (part[:, None, :] * w).reshape(-1, c)
-            taps = None
-            if depth_gate is not None:
-                t = rows_taps(part, depth_gate.conv.weight)
-                taps = (t[:, None, :] * w).reshape(-1, t.shape[1])
-            out.append((target, spread, taps))
-        return out, maps
+        sizes = [rows.shape[0] for _, rows, _ in ran]
+        return [(part, rows, table) for part, (_, rows, table) in zip(y.split(sizes), ran)], maps
 
     def _unit_maps(self, unit: ScaleUnit, x: SiteRows, gate: torch.Tensor, mask: torch.Tensor, first: int,
                    last: int) -> list[tuple[int, torch.Tensor]]:
