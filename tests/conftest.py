@@ -1,7 +1,9 @@
-"""Shared fixtures: small pyramids and towers with controllable gate patterns."""
+"""Shared fixtures: the device, small pyramids, and the overrides of a tiny demo training run."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -55,5 +57,34 @@ def make_pyramid():
     def make(batch: int, channels: int, size: tuple[int, ...], levels: int, seed: int = 0) -> list[torch.Tensor]:
         gen = torch.Generator().manual_seed(seed)
         return [torch.randn(batch, channels, *s, generator=gen) for s in pyramid_sizes(size, levels)]
+
+    return make
+
+
+@pytest.fixture
+def tiny_demo() -> Callable[..., list[str]]:
+    """``tiny_demo(root, **extra)``: ``key=value`` overrides that shrink ``configs/demo.yaml`` to a run of a
+    few seconds (8 generated 64-px training images under ``root / "data"``, one router, two iterations),
+    ``extra`` added or replacing."""
+
+    def make(root: Path, **extra: Any) -> list[str]:
+        opts: dict[str, Any] = {
+            "data.synthetic.root": root / "data",
+            "data.synthetic.num_train": 8,
+            "data.synthetic.num_val": 4,
+            "data.synthetic.image_size": 64,
+            "data.num_workers": 0,
+            "model.min_size": 64,
+            "model.max_size": 64,
+            "model.backbone.fpn_channels": 32,
+            "model.head.gn_groups": 8,
+            "model.head.num_routers": 1,
+            "solver.max_iter": 2,
+            "solver.ims_per_batch": 2,
+            "solver.log_period": 1,
+            "test.ims_per_batch": 2,
+        }
+        opts.update(extra)
+        return [f"{k}={v}" for k, v in opts.items()]
 
     return make

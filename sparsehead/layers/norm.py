@@ -11,8 +11,6 @@ sparse engine), :func:`group_norm_maps` on the maps of one level (dense kernels)
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
@@ -48,11 +46,10 @@ def group_norm_rows(
     c = rows.shape[1]
     inplace = overwrite and not torch.is_grad_enabled() and rows.is_contiguous()
     stats = segments if mask is None else segments * mask.to(rows.dtype)[:, None]
-    average = _group_average(c, groups, rows.dtype, rows.device)  # (C, C): mean over each channel's group
     count = stats.sum(dim=0).clamp_min(1.0)[:, None]  # (S, 1) rows per segment
-    mean = (stats.t() @ rows) @ average / count  # (S, C), each channel its group's mean
+    mean = _group_mean(stats.t() @ rows, groups) / count  # (S, C), each channel its group's mean
     centred = rows.sub_(segments @ mean) if inplace else rows - segments @ mean
-    var = (stats.t() @ centred.square()) @ average / count
+    var = _group_mean(stats.t() @ centred.square(), groups) / count
     scale = (var + eps).rsqrt() * weight  # (S, C)
     if inplace:  # one (M, C) temporary at a time
         centred.mul_(segments @ scale)
@@ -85,11 +82,10 @@ def group_norm_maps(
     return out.view(n, *x.shape[2:], c).movedim(-1, 1)
 
 
-@functools.lru_cache(maxsize=16)
-def _group_average(channels: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(C, C): ``x @ average`` replaces each channel of ``x`` by the mean over its group's channels."""
-    size = channels // groups
-    return torch.block_diag(*[torch.full((size, size), 1.0 / size, dtype=dtype, device=device)] * groups)
+def _group_mean(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(S, C) → (S, C): each channel replaced by the mean over its group's channels."""
+    s, c = x.shape
+    return x.view(s, groups, c // groups).mean(dim=2, keepdim=True).expand(s, groups, c // groups).reshape(s, c)
 
 
 class MaskedGroupNorm(nn.Module):

@@ -388,6 +388,11 @@ class Router(nn.Module):
             depth_taps = rows_taps(s, self.depth.gate.conv.weight)
         return s, depth_taps
 
+    def _every_site(self, lay: SiteLayout) -> bool:
+        """Whether every path runs at every pixel with statistics over all of them: an ungated router on maps
+        without batch padding (the Fixed head), which runs torch's GroupNorm level by level."""
+        return not self.gated and lay.grid and lay.valid is None
+
     def _scale_units(self, x: SiteRows, units, gates, masks, plans) -> tuple[list[tuple[torch.Tensor, ...]], list]:
         """The scale units' outputs, scale weight included: as rows at their source (outputs (M, C), their rows
         (M,), the unit's resampling table) and, for units run at all rows of maps, as resampled maps
@@ -437,7 +442,7 @@ class Router(nn.Module):
         active pixels: (destination level, resampled output (N, C, *spatial)) per source level."""
         lay, w, b = x.layout, unit.conv.weight, unit.conv.bias
         conv, c = _conv_nd(lay.ndim), x.channels
-        every = not self.gated and lay.valid is None  # statistics over every pixel: torch's GroupNorm
+        every = self._every_site(lay)  # statistics over every pixel: torch's GroupNorm
         mask, gate = mask[:, None].to(x.buf.dtype), gate * self.scale_weight  # once for all levels
         out = []
         for lvl in range(first, last):
@@ -485,10 +490,10 @@ class Router(nn.Module):
         full = plans[1][0]
         counts = None if full else [sum(c) for _, c in plans]
         with record_function("sparsehead.depth_conv"):
-            if full and lay.grid:
-                return self._depth_maps(s, g, inner, outer, owned)
+            if full and self._every_site(lay):
+                return self._depth_maps(s, owned)
             if full:
-                rows, h = lay.arange(0, lay.num_levels), self._depth_full(s, inner, outer)
+                rows, h = None, self._depth_full(s, inner, outer)
             elif counts[1] == 0:
                 rows, h = None, None
             elif rulebook == "exact":
@@ -499,7 +504,13 @@ class Router(nn.Module):
             if h is None:
                 out = buf.clamp_min_(0) if owned else buf.clamp_min(0)
                 return SiteRows(out, lay)
-            h = h * expand_gate(g.index_select(0, rows), buf.shape[1])
+            c = buf.shape[1]
+            if rows is None:  # every row
+                h = h.mul_(expand_gate(g, c)) if owned else h * expand_gate(g, c)
+                out = buf if owned else buf.clone()
+                out[:-1].add_(h)
+                return SiteRows(out.clamp_min_(0), lay)
+            h = h * expand_gate(g.index_select(0, rows), c)
             out = buf.index_add_(0, rows, h) if owned else buf.index_add(0, rows, h)
             return SiteRows(out.clamp_min_(0), lay)
 
@@ -533,27 +544,22 @@ class Router(nn.Module):
         keep = torch.nonzero_static(in_inner, size=n_inner)[:, 0]
         return q.index_select(0, keep), h2.index_select(0, keep)
 
-    def _depth_maps(self, s: SiteRows, g: torch.Tensor, inner, outer, owned: bool) -> SiteRows:
-        """The depth path at every pixel of each level's map (the dense kernels), statistics over its active
-        pixels; the output ``relu(s + g ⊙ h)`` in place of ``s`` when it is owned and autograd is off."""
-        lay, depth, c = s.layout, self.depth, s.channels
+    def _depth_maps(self, s: SiteRows, owned: bool) -> SiteRows:
+        """An ungated depth path at every pixel of each level's map (no batch padding), with torch's convs and
+        GroupNorm: ``relu(s + h)``, in place of ``s`` when it is owned and autograd is off."""
+        lay, depth = s.layout, self.depth
         conv = _conv_nd(lay.ndim)
         w1, w2 = depth.conv1.dense_weight(), depth.conv2.dense_weight()
         inplace = owned and not torch.is_grad_enabled()
-        every = not self.gated and lay.valid is None  # every pixel on: torch's GroupNorm, no masks
-        outer, inner = outer[:, None].to(s.buf.dtype), inner[:, None].to(s.buf.dtype)  # once for all levels
         out = []
         for lvl in range(lay.num_levels):
-            x, o, i = lay.level(s.buf, lvl), lay.level(outer, lvl), lay.level(inner, lvl)
-            h = F.relu(depth.norm1.forward_maps(conv(x, w1, padding=1), None if every else o))
-            h = conv(h if every else h * o, w2, padding=1)
-            h = depth.norm2.forward_maps(h, None if every else i)
-            if not every:
-                h = h * expand_gate(lay.level(g, lvl), c)
+            x = lay.level(s.buf, lvl)
+            h = F.relu(depth.norm1.forward_maps(conv(x, w1, padding=1), None))
+            h = depth.norm2.forward_maps(conv(h, w2, padding=1), None)
             out.append(x.add_(h).clamp_min_(0) if inplace else F.relu(x + h))
         if inplace:
             return s
-        rows = [to_rows(y) for y in out] + [s.buf.new_zeros(1, c)]
+        rows = [to_rows(y) for y in out] + [s.buf.new_zeros(1, s.channels)]
         return SiteRows(torch.cat(rows), lay)
 
     def _depth_full(self, s: SiteRows, inner, outer) -> torch.Tensor:
@@ -561,10 +567,12 @@ class Router(nn.Module):
         statistics over the active rows, zeros off them."""
         lay, depth = s.layout, self.depth
         onehot = lay.onehot(s.buf.dtype)
+        grad = torch.is_grad_enabled()
         h = self._conv_all(s.buf, depth.conv1, lay)
-        h = F.relu(depth.norm1.forward_rows(h, onehot, outer)) * outer[:, None].to(h.dtype)
+        h = F.relu(depth.norm1.forward_rows(h, onehot, outer, overwrite=True), inplace=not grad)
+        h = h * outer[:, None].to(h.dtype) if grad else h.mul_(outer[:, None].to(h.dtype))
         h = self._conv_all(h, depth.conv2, lay)
-        return depth.norm2.forward_rows(h, onehot, inner)
+        return depth.norm2.forward_rows(h, onehot, inner, overwrite=True)
 
     @staticmethod
     def _conv_all(rows: torch.Tensor, conv: SparseConvWeight, lay: SiteLayout) -> torch.Tensor:

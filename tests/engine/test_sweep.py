@@ -30,30 +30,6 @@ DEMO = str(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml")
 BW, ROUTERS, KIND = "model.head.budget_weight", "model.head.num_routers", "model.head.kind"
 
 
-def tiny(root: Path, **extra) -> list:
-    opts = {
-        "data.synthetic.root": root / "data",
-        "data.synthetic.num_train": 8,
-        "data.synthetic.num_val": 4,
-        "data.synthetic.image_size": 64,
-        "data.num_workers": 0,
-        "model.min_size": 64,
-        "model.max_size": 64,
-        "model.backbone.fpn_channels": 32,
-        "model.head.gn_groups": 8,
-        "model.head.num_routers": 1,
-        "solver.max_iter": 2,
-        "solver.ims_per_batch": 2,
-        "solver.warmup_iters": 0,
-        "solver.steps": "[100]",
-        "solver.checkpoint_period": 1,
-        "solver.log_period": 1,
-        "test.ims_per_batch": 2,
-    }
-    opts.update(extra)
-    return [f"{k}={v}" for k, v in opts.items()]
-
-
 # -- grid and planning --------------------------------------------------------------------------------
 
 
@@ -312,11 +288,12 @@ def test_aggregate_single_seed_has_no_spread():
 
 
 @pytest.mark.slow
-def test_two_point_sweep_end_to_end(tmp_path, monkeypatch):
+def test_two_point_sweep_end_to_end(tmp_path, monkeypatch, tiny_demo):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "sweep"
-    argv = [DEMO, *tiny(tmp_path), "--grid", f"{BW}=0,0.5", "--jobs", "2", "--out", str(out)]
+    tiny = tiny_demo(tmp_path, **{"solver.warmup_iters": 0, "solver.steps": "[100]", "solver.checkpoint_period": 1})
+    argv = [DEMO, *tiny, "--grid", f"{BW}=0,0.5", "--jobs", "2", "--out", str(out)]
     assert sweep.main(argv) == 0
     table = read_csv(out / "sweep.csv")
     assert [r["point"] for r in table] == ["dynamic_budget_weight-0", "dynamic_budget_weight-0.5"]

@@ -17,28 +17,13 @@ KEYS = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "b
 pytestmark = pytest.mark.slow
 
 
-def overrides(tmp: Path, **extra) -> list:
-    opts = {
-        "output_dir": tmp / "out",
-        "data.synthetic.root": tmp / "data",
-        "data.synthetic.num_train": 8,
-        "data.synthetic.num_val": 4,
-        "data.synthetic.image_size": 64,
-        "data.synthetic.num_classes": 5,
-        "data.num_workers": 0,
-        "model.min_size": 64,
-        "model.max_size": 64,
-        "model.backbone.fpn_channels": 32,
-        "model.head.gn_groups": 8,
-        "model.head.num_routers": 1,
-        "solver.max_iter": 3,
-        "solver.ims_per_batch": 2,
-        "solver.checkpoint_period": 2,
-        "solver.log_period": 1,
-        "test.ims_per_batch": 2,
-    }
-    opts.update(extra)
-    return [f"{k}={v}" for k, v in opts.items()]
+@pytest.fixture
+def overrides(tiny_demo):
+    def make(tmp: Path, **extra) -> list:
+        return tiny_demo(tmp, **{"output_dir": tmp / "out", "data.synthetic.num_classes": 5, "solver.max_iter": 3,
+                                 "solver.checkpoint_period": 2, **extra})
+
+    return make
 
 
 def run(cmd, tmp):
