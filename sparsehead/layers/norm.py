@@ -43,14 +43,16 @@ def group_norm_rows(
         (M, C). Statistics are two-pass (mean, then the centred squares), so data far from zero mean keeps
         its precision; segment sums and the scatter back to rows are matrix products with ``segments``.
     """
-    c = rows.shape[1]
+    m, c = rows.shape
+    size = c // groups
     inplace = overwrite and not torch.is_grad_enabled() and rows.is_contiguous()
     stats = segments if mask is None else segments * mask.to(rows.dtype)[:, None]
     count = stats.sum(dim=0).clamp_min(1.0)[:, None]  # (S, 1) rows per segment
-    mean = _group_mean(stats.t() @ rows, groups) / count  # (S, C), each channel its group's mean
-    centred = rows.sub_(segments @ mean) if inplace else rows - segments @ mean
-    var = _group_mean(stats.t() @ centred.square(), groups) / count
-    scale = (var + eps).rsqrt() * weight  # (S, C)
+    mean = (stats.t() @ rows).view(-1, groups, size).mean(dim=2) / count  # (S, G)
+    grouped, shift = rows.reshape(m, groups, size), (segments @ mean)[:, :, None]  # (M, G, C / G), (M, G, 1)
+    centred = (grouped.sub_(shift) if inplace else grouped - shift).view(m, c)
+    var = (stats.t() @ centred.square()).view(-1, groups, size).mean(dim=2) / count  # (S, G)
+    scale = ((var + eps).rsqrt()[:, :, None] * weight.view(-1, groups, size)).view(-1, c)  # (S, C)
     if inplace:  # one (M, C) temporary at a time
         centred.mul_(segments @ scale)
         return centred.add_(segments @ bias if bias.dim() == 2 else bias)
@@ -80,12 +82,6 @@ def group_norm_maps(
     scale = (var + eps).rsqrt()[:, None, :, None] * weight.view(1, 1, groups, -1)
     out = torch.addcmul(bias.view(1, 1, groups, -1), centred, scale)  # (N, P, G, C / G)
     return out.view(n, *x.shape[2:], c).movedim(-1, 1)
-
-
-def _group_mean(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(S, C) → (S, C): each channel replaced by the mean over its group's channels."""
-    s, c = x.shape
-    return x.view(s, groups, c // groups).mean(dim=2, keepdim=True).expand(s, groups, c // groups).reshape(s, c)
 
 
 class MaskedGroupNorm(nn.Module):

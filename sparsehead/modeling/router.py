@@ -563,8 +563,9 @@ class Router(nn.Module):
         return SiteRows(torch.cat(rows), lay)
 
     def _depth_full(self, s: SiteRows, inner, outer) -> torch.Tensor:
-        """The depth path at every row (R, C): dense convs of each level (maps) or gathers (voxels),
-        statistics over the active rows, zeros off them."""
+        """The depth path at every row (R, C): dense convs of each level (maps) or gathers (voxels), each
+        GroupNorm once over the rows of every level with statistics over the active rows (conv2 reads zeros
+        off conv1's rows; rows off the inner set are not zero, the gate removes them)."""
         lay, depth = s.layout, self.depth
         onehot = lay.onehot(s.buf.dtype)
         grad = torch.is_grad_enabled()
