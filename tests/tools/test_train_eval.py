@@ -42,7 +42,7 @@ def check_metrics(path: Path) -> dict:
     return metrics
 
 
-def test_train_then_eval_dynamic_sparse(tmp_path):
+def test_train_then_eval_dynamic_sparse(tmp_path, overrides):
     cmd = [PY, str(REPO / "tools/train.py"), str(REPO / "configs/demo.yaml"), *overrides(tmp_path)]
     proc = run(cmd, tmp_path)
     out = tmp_path / "out"
@@ -70,7 +70,7 @@ def test_train_then_eval_dynamic_sparse(tmp_path):
     assert "does not match the configured model" in bad.stderr and "keys" in bad.stderr
 
 
-def test_torchrun_two_processes(tmp_path):
+def test_torchrun_two_processes(tmp_path, overrides):
     cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", str(REPO / "tools/train.py"),
            str(REPO / "configs/demo.yaml"), *overrides(tmp_path, **{"solver.ims_per_batch": 4})]
     proc = run(cmd, tmp_path)
