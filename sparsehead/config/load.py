@@ -248,6 +248,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check(0.0 < m.head.gate_init < 1.0, "model.head.gate_init", "must be in (0, 1)")
     _check(m.head.budget_weight >= 0, "model.head.budget_weight", "must be >= 0")
     _check(m.head.budget_warmup >= 0, "model.head.budget_warmup", "must be >= 0")
+    _check(m.head.box_init >= 0, "model.head.box_init", "must be >= 0 (a negative bias starts the box ReLU dead)")
     _check(m.head.resample in ("pool", "bilinear"), "model.head.resample", "must be pool or bilinear")
     _check(m.num_classes is None or m.num_classes > 0, "model.num_classes", "must be positive (or null: inferred)")
     _check(

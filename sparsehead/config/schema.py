@@ -54,6 +54,9 @@ class HeadConfig:
     train_execution: str = ""  # "" (same as execution) | dense | sparse | auto: used while training
     gn_groups: int = 32
     prior_prob: float = 0.01
+    # FCOS heads (plain and routers): initial bias of the box-regression conv, in anchor sizes; every location
+    # starts predicting a box reaching this far on each side. 0 is torchvision's and the reference's init.
+    box_init: float = 0.0
 
 
 @dataclass

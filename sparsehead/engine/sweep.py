@@ -71,12 +71,13 @@ UNUSED_HEAD_KEYS: Dict[tuple, frozenset] = {
         _H + k for k in (*_GATE_KEYS, "num_routers", "execution", "train_execution", "prior_prob", "norm", "gn_groups")
     ),
     ("plain", "retinanet"): frozenset(
-        _H + k for k in (*_GATE_KEYS, "num_routers", "execution", "train_execution", "prior_prob", "num_convs")
+        _H + k for k in (*_GATE_KEYS, "num_routers", "execution", "train_execution", "prior_prob", "num_convs",
+                           "box_init")
     ),
     ("fixed", "fcos"): frozenset(_H + k for k in (*_GATE_KEYS, "num_convs", "norm")),
-    ("fixed", "retinanet"): frozenset(_H + k for k in (*_GATE_KEYS, "num_convs", "norm")),
+    ("fixed", "retinanet"): frozenset(_H + k for k in (*_GATE_KEYS, "num_convs", "norm", "box_init")),
     ("dynamic", "fcos"): frozenset(_H + k for k in ("num_convs", "norm")),
-    ("dynamic", "retinanet"): frozenset(_H + k for k in ("num_convs", "norm")),
+    ("dynamic", "retinanet"): frozenset(_H + k for k in ("num_convs", "norm", "box_init")),
 }
 STATIC_KINDS = ("plain", "fixed")
 KIND_KEY = "model.head.kind"

@@ -51,9 +51,10 @@ def build_head(cfg: Any, in_channels: int, num_anchors: int = FCOS_ANCHORS) -> n
     if h.kind == "plain":
         if retinanet:
             return RetinaNetPlainHead(in_channels, num_anchors, num_classes, norm=h.norm, gn_groups=h.gn_groups)
-        return FCOSPlainHead(in_channels, num_anchors, num_classes, num_convs=h.num_convs)
+        return FCOSPlainHead(in_channels, num_anchors, num_classes, num_convs=h.num_convs, box_init=h.box_init)
     if h.kind in ("fixed", "dynamic"):
         head_cls = RetinaNetDynamicHead if retinanet else FCOSDynamicHead
+        arch_kwargs = {} if retinanet else {"box_init": h.box_init}  # RetinaNet's box deltas have no ReLU
         return head_cls(
             in_channels,
             num_anchors,
@@ -69,6 +70,7 @@ def build_head(cfg: Any, in_channels: int, num_anchors: int = FCOS_ANCHORS) -> n
             prior_prob=h.prior_prob,
             resample=h.resample,
             scale_bias=h.scale_bias,
+            **arch_kwargs,
         )
     raise ValueError(f"unknown model.head.kind {h.kind!r}; choose plain, fixed or dynamic")
 

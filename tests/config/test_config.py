@@ -62,7 +62,7 @@ def test_wrong_type_is_named(base_yaml, override, key):
      ("model.backbone.depth=101", "model.backbone.depth"), ("solver.max_iter=0", "solver.max_iter"),
      ("solver.steps=[8,4]", "solver.steps"), ("model.num_classes=0", "model.num_classes"),
      ("num_threads=-1", "num_threads"), ("model.head.resample=nearest", "model.head.resample"),
-     ("model.head.budget_warmup=-5", "model.head.budget_warmup")],
+     ("model.head.budget_warmup=-5", "model.head.budget_warmup"), ("model.head.box_init=-1", "model.head.box_init")],
 )
 def test_bad_values_are_named(base_yaml, override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
@@ -127,6 +127,7 @@ def test_demo_config():
     assert cfg.model.head.kind == "dynamic" and cfg.model.head.execution == "sparse"
     assert 2 <= cfg.model.head.num_routers <= 4
     assert cfg.model.head.budget_weight == pytest.approx(0.05) and cfg.solver.base_lr == pytest.approx(0.03)
+    assert cfg.model.head.box_init == pytest.approx(1.0)
     assert cfg.model.backbone.depth == 18
     assert cfg.output_dir.endswith("output/demo")
 

@@ -101,6 +101,16 @@ def test_plan_static_heads_once_per_depth(tmp_path):
     assert Path(dyn.cfg.output_dir) == dyn.out_dir
 
 
+def test_plan_box_init_is_read_by_every_fcos_head_and_no_retinanet_head(tmp_path):
+    grid = {"model.head.box_init": ["0", "1"]}
+    fcos = plan_sweep(DEMO, grid, tmp_path / "fcos", seeds=[0], include_static=True, overrides=["device=cpu"])
+    assert [r.point for r in fcos] == [f"{k}_box_init-{v}" for k in ("dynamic", "plain", "fixed") for v in (0, 1)]
+    assert [r.cfg.model.head.box_init for r in fcos] == [0.0, 1.0] * 3
+    retina = str(Path(DEMO).with_name("demo_retinanet.yaml"))
+    runs = plan_sweep(retina, grid, tmp_path / "retina", seeds=[0], include_static=True, overrides=["device=cpu"])
+    assert [r.point for r in runs] == ["dynamic", "plain", "fixed"]  # a key no head reads makes one point
+
+
 def test_plan_threads_and_seeds(tmp_path):
     # demo.yaml sets num_threads: 1; with 0 (torch's default) the sweep sets 1 on the CPU, else keeps it
     runs = plan_sweep(DEMO, {}, tmp_path, overrides=["num_threads=0", "device=cpu"])

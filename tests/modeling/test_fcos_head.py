@@ -112,3 +112,28 @@ def test_padded_batch_hands_each_images_size_to_the_head_once():
     assert seen[-1] is None
     assert valid_sizes([(64, 64)], (64, 64), (8, 8)) is None  # nothing padded
     assert valid_sizes([(64, 40), (60, 64)], (64, 64), (8, 8)) == [(8, 5), (8, 8)]
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "plain"])
+def test_box_init_keeps_a_box_channel_alive_that_starts_dead(kind):
+    """A box channel whose conv output is negative at every location gets no gradient through the ReLU; a
+    positive ``box_init`` starts it positive, so the box loss reaches its weights. 0 is torchvision's init."""
+    grads, biases = {}, {}
+    for box_init in (0.0, 1.0):
+        torch.manual_seed(0)
+        if kind == "dynamic":
+            head = FCOSDynamicHead(256, 1, 3, num_routers=1, gated=False, execution="dense", box_init=box_init)
+        else:
+            head = FCOSPlainHead(256, 1, 3, num_convs=1, box_init=box_init)
+        conv = head.regression_head.bbox_reg
+        biases[box_init] = conv.bias.detach().clone()
+        with torch.no_grad():  # channel 0 (l) reads the towers' non-negative features with negative weights only
+            conv.weight[0] = -conv.weight[0].abs() * 0.01
+        model = _fcos(head).train()
+        losses = model(*_batch())
+        losses["bbox_regression"].backward()
+        grads[box_init] = conv.weight.grad[0].abs().sum().item()
+    assert torch.equal(biases[0.0], torch.zeros(4)) and torch.equal(biases[1.0], torch.ones(4))
+    assert grads[0.0] == 0.0 and grads[1.0] > 0.0
+    with pytest.raises(ValueError, match="box_init"):
+        FCOSPlainHead(256, 1, 3, box_init=-1.0)

@@ -17,13 +17,27 @@ from ..cost import conv_macs_per_pixel, dense_cost
 from ..tower import DynamicTower
 from .towers import DynamicHeadMixin, check_head_args
 
-__all__ = ["FCOSDynamicHead", "FCOSPlainHead", "flatten_level"]
+__all__ = ["FCOSDynamicHead", "FCOSPlainHead", "flatten_level", "init_box_bias"]
 
 
 def flatten_level(x: Tensor, size: int) -> Tensor:
     """(N, A * size, H, W) → (N, H * W * A, size), the layout FCOS expects."""
     n, _, h, w = x.shape
     return x.view(n, -1, size, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, size)
+
+
+def init_box_bias(head: FCOSHead, box_init: float) -> None:
+    """Set the bias of ``head``'s box-regression conv to ``box_init`` (>= 0, in anchor sizes).
+
+    The box output is ``relu(conv(x))`` (times a per-level scale in the dynamic head): where a channel's
+    output is negative its gradient is zero. With torchvision's zero bias, the sign of each channel at
+    initialisation follows the mean of the tower's non-negative features and can be negative at nearly
+    every location, so that training starts with degenerate boxes and no box gradient in that channel. A
+    positive ``box_init`` starts every location with a box reaching ``box_init`` anchor sizes to each side.
+    """
+    if box_init < 0:
+        raise ValueError(f"box_init must be >= 0, got {box_init}")
+    nn.init.constant_(head.regression_head.bbox_reg.bias, box_init)
 
 
 class FCOSDynamicHead(DynamicHeadMixin, FCOSHead):
@@ -44,6 +58,7 @@ class FCOSDynamicHead(DynamicHeadMixin, FCOSHead):
         num_levels: pyramid levels (5 for P3–P7).
         resample, scale_bias: the towers' resampling between levels and scale-unit bias
             (:class:`~sparsehead.DynamicTower`).
+        box_init: initial bias of the box-regression conv (:func:`init_box_bias`); 0 is torchvision's.
         cls_tower, reg_tower: towers to use instead of building them from the arguments above.
 
     It is torchvision's :class:`~torchvision.models.detection.fcos.FCOSHead` with ``num_convs=0``: its
@@ -81,6 +96,7 @@ class FCOSDynamicHead(DynamicHeadMixin, FCOSHead):
         num_levels: int = 5,
         resample: str = "pool",
         scale_bias: bool = False,
+        box_init: float = 0.0,
         cls_tower: Optional[DynamicTower] = None,
         reg_tower: Optional[DynamicTower] = None,
     ) -> None:
@@ -94,6 +110,7 @@ class FCOSDynamicHead(DynamicHeadMixin, FCOSHead):
             num_levels=num_levels, gate_activation=gate_activation, gate_init=gate_init, gn_groups=gn_groups,
             execution=execution, resample=resample, scale_bias=scale_bias,
         )
+        init_box_bias(self, box_init)
 
     def _predictor_macs(self) -> int:
         convs = (self.classification_head.cls_logits, self.regression_head.bbox_reg, self.regression_head.bbox_ctrness)
@@ -118,10 +135,16 @@ class FCOSDynamicHead(DynamicHeadMixin, FCOSHead):
         }
 
 class FCOSPlainHead(FCOSHead):
-    """torchvision's FCOS head (the paper's "D2" baseline) that records its cost like the others."""
+    """torchvision's FCOS head (the paper's "D2" baseline) that records its cost like the others.
 
-    def __init__(self, in_channels: int, num_anchors: int, num_classes: int, num_convs: int = 4) -> None:
+    ``box_init``: initial bias of the box-regression conv (:func:`init_box_bias`); 0 keeps torchvision's.
+    """
+
+    def __init__(
+        self, in_channels: int, num_anchors: int, num_classes: int, num_convs: int = 4, box_init: float = 0.0
+    ) -> None:
         super().__init__(in_channels, num_anchors, num_classes, num_convs)
+        init_box_bias(self, box_init)
         self.last_cost = None
 
     def forward(self, x: list[Tensor], valid_sizes: Optional[list[tuple[int, int]]] = None) -> dict[str, Tensor]:
