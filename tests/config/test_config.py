@@ -126,7 +126,8 @@ def test_demo_config():
     assert cfg.data.synthetic.enabled
     assert cfg.model.head.kind == "dynamic" and cfg.model.head.execution == "sparse"
     assert 2 <= cfg.model.head.num_routers <= 4
-    assert cfg.model.head.budget_weight == pytest.approx(0.05) and cfg.solver.base_lr == pytest.approx(0.03)
+    assert cfg.model.head.budget_weight == pytest.approx(0.15) and cfg.solver.base_lr == pytest.approx(0.03)
+    assert cfg.model.head.budget_warmup == 150 < cfg.solver.max_iter
     assert cfg.model.head.box_init == pytest.approx(1.0)
     assert cfg.model.backbone.depth == 18
     assert cfg.output_dir.endswith("output/demo")
@@ -137,9 +138,12 @@ def test_demo_retinanet_config():
     demo = load_config(DEFAULT_CONFIG)
     assert cfg.model.arch == "retinanet" and demo.model.arch == "fcos"
     assert cfg.model.head.norm == "gn" and demo.model.head.norm == "none"  # only the plain head's towers differ
-    # RetinaNet keeps its own budget weight and learning rate; everything else is the FCOS demo's.
-    assert (cfg.model.head.budget_weight, cfg.solver.base_lr) == (pytest.approx(0.1), pytest.approx(0.02))
-    cfg.model.head.norm, cfg.model.head.budget_weight, cfg.solver.base_lr = "none", 0.05, 0.03
+    # RetinaNet keeps its own routers, budget and learning rate; everything else is the FCOS demo's.
+    head = cfg.model.head
+    assert (head.num_routers, head.budget_weight, head.budget_warmup, cfg.solver.base_lr) == (
+        2, pytest.approx(0.1), 0, pytest.approx(0.02))
+    head.norm, head.num_routers, head.budget_weight, head.budget_warmup = "none", 3, 0.15, 150
+    cfg.solver.base_lr = 0.03
     assert cfg.model.head == demo.model.head and cfg.solver == demo.solver and cfg.data == demo.data
     assert cfg.output_dir.endswith("output/demo_retinanet")
 
