@@ -62,7 +62,7 @@ __all__ = [
     "write_outputs",
 ]
 
-_GATE_KEYS = ("tau", "gate_activation", "gate_init", "budget_weight")
+_GATE_KEYS = ("tau", "gate_activation", "gate_init", "budget_weight", "budget_warmup")
 _H = "model.head."
 # model.head keys that a head kind (and detector) never reads, from sparsehead.modeling.build. The
 # execution keys stay with the fixed head: its ungated paths still run in that mode (same result, other speed).

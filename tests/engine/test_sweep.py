@@ -111,6 +111,14 @@ def test_plan_box_init_is_read_by_every_fcos_head_and_no_retinanet_head(tmp_path
     assert [r.point for r in runs] == ["dynamic", "plain", "fixed"]  # a key no head reads makes one point
 
 
+def test_plan_budget_warmup_trains_the_static_heads_once(tmp_path):
+    # only the gated head has a budget term to ramp in: plain and fixed are one point each
+    runs = plan_sweep(DEMO, {"model.head.budget_warmup": ["0", "150"]}, tmp_path, seeds=[0], include_static=True,
+                      overrides=["device=cpu"])
+    assert [r.point for r in runs] == ["dynamic_budget_warmup-0", "dynamic_budget_warmup-150", "plain", "fixed"]
+    assert [r.cfg.model.head.budget_warmup for r in runs[:2]] == [0, 150]
+
+
 def test_plan_threads_and_seeds(tmp_path):
     # demo.yaml sets num_threads: 1; with 0 (torch's default) the sweep sets 1 on the CPU, else keeps it
     runs = plan_sweep(DEMO, {}, tmp_path, overrides=["num_threads=0", "device=cpu"])
