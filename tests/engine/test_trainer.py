@@ -212,7 +212,7 @@ def test_budget_weight_ramps_up_over_the_warmup(dataset_root, tmp_path):
     about 0.99, so the unscaled term is about 0.99 λ)."""
     extra = {"model.head.kind": "dynamic", "model.head.budget_weight": 0.5, "solver.max_iter": 3}
     Trainer(tiny_cfg(dataset_root, tmp_path / "ramp", **extra, **{"model.head.budget_warmup": 1000})).run()
-    Trainer(tiny_cfg(dataset_root, tmp_path / "flat", **extra)).run()
+    Trainer(tiny_cfg(dataset_root, tmp_path / "flat", **extra, **{"model.head.budget_warmup": 0})).run()
     ramp, flat = read_log(tmp_path / "ramp"), read_log(tmp_path / "flat")
     for it in (1, 2, 3):
         assert flat[it]["loss_budget"] == pytest.approx(0.5 * 0.99, rel=0.05)
