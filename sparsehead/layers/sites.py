@@ -160,6 +160,27 @@ class SiteLayout:
 
         return self.cached(("onehot", dtype, sites_only), build)
 
+    def level_onehot(self, dtype: torch.dtype) -> torch.Tensor:
+        """(R, L) ``dtype``: each row's level, one-hot (cached); per-level sums are ``values @ level_onehot``
+        for values (X, R)."""
+        return self.cached(("level_onehot", dtype), lambda: F.one_hot(
+            torch.div(self.segment, self.batch, rounding_mode="floor"), self.num_levels).to(dtype))
+
+    def local_rows(self) -> torch.Tensor:
+        """(R,) int64: each row's number within its level (cached)."""
+
+        def build() -> torch.Tensor:
+            start = torch.tensor(self.offsets[:-1], device=self.device)
+            return torch.arange(self.rows, device=self.device) - start.repeat_interleave(
+                torch.tensor(self.offsets[1:], device=self.device) - start, output_size=self.rows)
+
+        return self.cached(("local_rows",), build)
+
+    def table(self, direction: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``down`` or ``up`` resampling table with its weights in ``dtype`` (cached)."""
+        index, weight = getattr(self, direction)
+        return self.cached(("table", direction, dtype), lambda: (index, weight.to(dtype)))
+
     def per_level_image(self, values: torch.Tensor) -> torch.Tensor:
         """Sums (L, N, X) over the sites of each level and image of per-row ``values`` (R, X)."""
         sums = self.onehot(values.dtype, sites_only=True).t() @ values  # (S, X): level-major segments

@@ -68,11 +68,10 @@ def _conv_nd(ndim: int):
 
 
 @torch.compiler.disable  # the host read: under torch.compile one graph break, taken here
-def _read_counts(masks: Sequence[torch.Tensor], lay: SiteLayout) -> list[list[int]]:
-    """Active rows per level of each mask (R,) bool, read from the device in one transfer."""
-    flags = torch.stack(masks, dim=1).to(torch.float64)  # exact counts through a matrix product
-    per_level = (lay.onehot(torch.float64).t() @ flags).view(lay.num_levels, lay.batch, -1).sum(dim=1)
-    return per_level.t().round().to(torch.int64).tolist()
+def _read_counts(masks: torch.Tensor, lay: SiteLayout) -> list[list[int]]:
+    """Active rows per level of each mask (P, R) bool, read from the device in one transfer."""
+    per_level = masks.to(torch.float64) @ lay.level_onehot(torch.float64)  # exact counts: (P, L)
+    return [[round(v) for v in row] for row in per_level.tolist()]
 
 
 class ScaleUnit(nn.Module):
@@ -83,7 +82,7 @@ class ScaleUnit(nn.Module):
     above that (on maps) runs the grouped conv over each level and keeps the active rows.
     """
 
-    gather_fraction = 0.03
+    gather_fraction = 0.1
 
     def __init__(
         self, channels: int, ndim: int, gn_groups: int, gate: SpatialGate | None, bias: bool = False
@@ -279,34 +278,36 @@ class Router(nn.Module):
             return out if packed else out.to_maps()
         # Both host reads (_plan) are made in this frame: under torch.compile each breaks the graph once.
         levels = lay.num_levels
-        # The units that exist: (unit, first and last source level + 1, its resampling table).
-        units = [(self.down, 0, levels - 1, lay.down), (self.up, 1, levels, lay.up)] if levels > 1 else []
+        # The units that exist: (unit, first and last source level + 1, the direction it resamples in).
+        units = [(self.down, 0, levels - 1, "down"), (self.up, 1, levels, "up")] if levels > 1 else []
+        ranges = [(a, b) for _, a, b, _ in units]
+        gates = active = None
         with record_function("sparsehead.gate"):
             raw, depth_taps = self._scale_gates(x, units)
-            # A unit runs only on the levels that have a neighbour in its direction.
-            gates = [g * lay.level_mask(a, b, g.dtype) for g, (_, a, b, _) in zip(raw, units)]
-        masks = [(g > 0).any(dim=1) for g in gates]
-        plans = self._plan(masks, lay, [(a, b) for _, a, b, _ in units])
+            if units:  # a unit runs only on the levels that have a neighbour in its direction
+                gates = torch.stack(raw) * lay.cached(("unit_levels", tuple(ranges), x.buf.dtype), lambda: torch.stack(
+                    [lay.level_mask(a, b, x.buf.dtype) for a, b in ranges]))  # (U, R, G)
+                active = (gates > 0).any(dim=2)  # (U, R)
+        plans = self._plan(active, lay, ranges)
         with record_function("sparsehead.scale"):
-            scaled = self._scale_units(x, units, gates, masks, plans)
+            scaled = self._scale_units(x, units, gates, active, plans)
         with record_function("sparsehead.scatter"):  # the units' outputs are freed once summed
-            s, depth_taps = self._node_sum(x, owned, *scaled, depth_taps)
+            s, depth_taps = self._node_sum(x, owned, units, *scaled, depth_taps)
             del scaled
         with record_function("sparsehead.gate"):
             g = self._depth_gate(SiteRows(s, lay), depth_taps)
-            inner = (g > 0).any(dim=1)
             pooled = lay.neighbour_max(g)
-            outer = (pooled > 0).any(dim=1)
-            sets = [inner, outer]
+            sets = (torch.stack([g, pooled]) > 0).any(dim=2)  # (2, R): the inner and the outer rows
+            inner, outer = sets
             rulebook = self.depth.rulebook or default_rulebook(s.device, s.dtype)
-            if rulebook == "submanifold" and self.execution != "dense":
-                sets.append(lay.neighbour_max(outer[:, None].to(s.dtype))[:, 0] > 0)  # what conv1 reads
-        plans = self._plan(sets, lay, [(0, levels)] * len(sets))
+            if rulebook == "submanifold" and self.execution != "dense":  # and what conv1 reads
+                sets = torch.cat([sets, (lay.neighbour_max(outer[:, None].to(s.dtype)) > 0).view(1, -1)])
+        plans = self._plan(sets, lay, [(0, levels)] * sets.shape[0])
         out = self._depth(SiteRows(s, lay), g, sets, owned, rulebook, plans)
         self.last_cost = self._cost(lay, units, raw, g, pooled, inner, outer)
         if self.keep_gates:
             kept = {"down": {}, "up": {}, "depth": {}}
-            for (unit, a, b, _), gate in zip(units, gates):
+            for (unit, a, b, _), gate in zip(units, gates if units else []):
                 kind = "down" if unit is self.down else "up"
                 kept[kind].update({lvl: lay.level(gate, lvl).detach() for lvl in range(a, b)})
             kept["depth"] = {lvl: lay.level(g, lvl).detach() for lvl in range(levels)}
@@ -350,14 +351,14 @@ class Router(nn.Module):
         g = gate(s, conv_out=lay.gate_conv(taps, gate.num_groups, gate.conv.bias))
         return g if lay.valid is None else g * lay.level_mask(0, lay.num_levels, g.dtype)
 
-    def _plan(self, masks: Sequence[torch.Tensor], lay: SiteLayout, ranges: Sequence[tuple[int, int]]
+    def _plan(self, masks: torch.Tensor | None, lay: SiteLayout, ranges: Sequence[tuple[int, int]]
               ) -> list[tuple[bool, list[int] | None]]:
         """Per path, given its active rows ``masks[i]`` (R,) among the sites of levels ``ranges[i]``: whether
         it runs at all rows, and its active rows per level of its range. The counts are read from the device
         in one transfer for all paths, and not at all when every path runs at all rows (counts None)."""
         if self.execution == "dense" or (self.execution == "auto" and self.auto_threshold <= 0):
-            return [(True, None)] * len(masks)
-        counts = _read_counts(masks, lay) if masks else []
+            return [(True, None)] * len(ranges)
+        counts = _read_counts(masks, lay) if ranges else []
         plans = []
         for (a, b), level_counts in zip(ranges, counts):
             active = level_counts[a:b]
@@ -367,23 +368,27 @@ class Router(nn.Module):
 
     # ------------------------------------------------------------------------------------- scale paths
 
-    def _node_sum(self, x: SiteRows, owned: bool, contributions, maps, depth_taps: torch.Tensor | None
+    def _node_sum(self, x: SiteRows, owned: bool, units, pairs, maps, depth_taps: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The node sum ``output_weight · x + Σ units`` (R + 1, C) from the scale units' outputs (as
-        :meth:`_scale_units` returns them, each resampled here through its table's (M, F) targets and
-        weights), in place of ``x`` when ``owned``; and the depth gate's taps of it."""
+        :meth:`_scale_units` returns them; rows resampled here through their unit's table of (M, F) targets
+        and weights), in place of ``x`` when ``owned``; and the depth gate's taps of it."""
         lay, c = x.layout, x.channels
         s = x.buf.mul_(self.output_weight) if owned else x.buf * self.output_weight
-        depth_gate = self.depth.gate
-        for part, rows, (index, weight) in contributions:  # resampled one unit at a time
-            w = weight.index_select(0, rows).to(part.dtype)[:, :, None]  # (M, F, 1)
-            target = index.index_select(0, rows).reshape(-1)
-            s.index_add_(0, target, (part[:, None, :] * w).reshape(-1, c))
-            if depth_taps is not None:
-                t = rows_taps(part, depth_gate.conv.weight)
-                depth_taps.index_add_(0, target, (t[:, None, :] * w).reshape(-1, t.shape[1]))
-        for dst, y in maps:
-            lay.level(s, dst).add_(y)
+        if pairs is not None:
+            y, rows, spans = pairs
+            taps = None if depth_taps is None else rows_taps(y, self.depth.gate.conv.weight)
+            for i, start, size in spans:  # resampled one unit at a time: each has its own fan-out
+                index, weight = lay.table(units[i][3], y.dtype)
+                r = rows[start:start + size]
+                w = weight.index_select(0, r)[:, :, None]  # (M_u, F, 1)
+                target = index.index_select(0, r).reshape(-1)
+                s.index_add_(0, target, (y[start:start + size, None, :] * w).reshape(-1, c))
+                if taps is not None:
+                    t = taps[start:start + size, None, :]
+                    depth_taps.index_add_(0, target, (t * w).reshape(-1, t.shape[2]))
+        for dst, m in maps:
+            lay.level(s, dst).add_(m)
         if maps and depth_taps is not None:  # the depth gate's taps of the node sum itself
             depth_taps = rows_taps(s, self.depth.gate.conv.weight)
         return s, depth_taps
@@ -393,48 +398,53 @@ class Router(nn.Module):
         without batch padding (the Fixed head), which runs torch's GroupNorm level by level."""
         return not self.gated and lay.grid and lay.valid is None
 
-    def _scale_units(self, x: SiteRows, units, gates, masks, plans) -> tuple[list[tuple[torch.Tensor, ...]], list]:
-        """The scale units' outputs, scale weight included: as rows at their source (outputs (M, C), their rows
-        (M,), the unit's resampling table) and, for units run at all rows of maps, as resampled maps
-        (destination level, (N, C, *spatial))."""
-        lay = x.layout
-        c = x.channels
-        segments = lay.num_segments
-        onehot = lay.onehot(x.buf.dtype)
-        maps = []
-        ran, outputs, segs, stat_masks, gate_rows = [], [], [], [], []
-        for (unit, a, b, table), gate, mask, (full, counts) in zip(units, gates, masks, plans):
-            count = None if full else sum(counts)
-            if count == 0:
-                continue
+    def _scale_units(self, x: SiteRows, units, gates, active, plans):
+        """The scale units' outputs, scale weight included.
+
+        Units that run at rows (their active rows, or every row of voxels) run as one set of M (unit, row)
+        pairs, unit-major: ``(y (M, C), rows (M,), spans [(unit, first pair, pairs)])``, one GroupNorm and one
+        gate product for all of them. Units run at every pixel of maps give resampled maps: ``[(destination
+        level, (N, C, *spatial))]``. Returns ``(pairs or None, maps)``.
+        """
+        lay, c = x.layout, x.channels
+        maps, run, fulls, level_counts = [], [], [], []
+        for i, ((unit, a, b, _), (full, counts)) in enumerate(zip(units, plans)):
             if full and lay.grid:
-                maps += self._unit_maps(unit, x, gate, mask, a, b)
-                continue
-            rows = lay.arange(a, b) if full else torch.nonzero_static(mask, size=count)[:, 0]
-            dense = lay.grid and (full or count > unit.gather_fraction * (lay.offsets[b] - lay.offsets[a]))
-            outputs.append(self._depthwise(unit, x, rows, a, b, dense, None if full else counts))
-            segs.append(onehot.index_select(0, rows))
-            stat_masks.append(mask.index_select(0, rows) if full else None)
-            gate_rows.append(gate.index_select(0, rows))
-            ran.append((unit, rows, table))
-        if not ran:
-            return [], maps
-        used = [u.norm for u, _, _ in ran]
-        weight = torch.cat([n.weight.expand(segments, c) for n in used])
-        bias = torch.cat([n.bias.expand(segments, c) for n in used])
-        stats = None
-        if any(m is not None for m in stat_masks):
-            stats = torch.cat([m if m is not None else r.new_ones(r.shape[0], dtype=torch.bool)
-                               for m, (_, r, _) in zip(stat_masks, ran)])
-        # One GroupNorm for both units: the second unit's segments come after the first's.
-        segs = torch.block_diag(*segs) if len(segs) > 1 else segs[0]
-        y = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-        outputs.clear()  # y holds them now
-        y = group_norm_rows(y, segs, used[0].num_groups, weight, bias, used[0].eps, stats, overwrite=True)
-        gate = expand_gate(torch.cat(gate_rows) * self.scale_weight, c)
+                maps += self._unit_maps(unit, x, gates[i], active[i], a, b)
+            elif full or sum(counts):
+                run.append(i)
+                fulls.append(full)
+                level_counts.append([lay.site_count(lvl, lvl + 1) for lvl in range(a, b)] if full else counts)
+        if not run:
+            return None, maps
+        first, last = run[0], run[-1] + 1  # the run units are consecutive (at most two)
+        if any(fulls):  # every row of the unit's levels (voxels), statistics over the active ones
+            runs = torch.stack([lay.level_mask(a, b, torch.bool)[:, 0] if full else active[i]
+                                for i, full, (_, a, b, _) in zip(run, fulls, [units[i] for i in run])])
+        else:
+            runs = active[first:last]
+        sizes = [sum(n) for n in level_counts]
+        flat = torch.nonzero_static(runs.reshape(-1), size=sum(sizes))[:, 0]  # pairs: unit · R + row
+        rows = flat.remainder(lay.rows) if len(run) > 1 else flat
+        spans, start = [], 0
+        for i, size in zip(run, sizes):
+            spans.append((i, start, size))
+            start += size
+        y = self._depthwise(x, units, spans, rows, level_counts)
+        norms = [units[i][0].norm for i in run]
+        segs = lay.onehot(y.dtype).index_select(0, rows)
+        if len(run) == 1:
+            weight, bias = norms[0].weight, norms[0].bias
+        else:  # one GroupNorm for both units: the second unit's segments come after the first's
+            segs = torch.block_diag(*segs.split(sizes))
+            weight = torch.cat([n.weight.expand(lay.num_segments, c) for n in norms])
+            bias = torch.cat([n.bias.expand(lay.num_segments, c) for n in norms])
+        stats = active[first:last].reshape(-1).index_select(0, flat) if any(fulls) else None
+        y = group_norm_rows(y, segs, norms[0].num_groups, weight, bias, norms[0].eps, stats, overwrite=True)
+        g = gates[first:last].reshape(-1, gates.shape[2]).index_select(0, flat)
+        gate = expand_gate(g * self.scale_weight, c)
         y = y * gate if torch.is_grad_enabled() else y.mul_(gate)
-        sizes = [rows.shape[0] for _, rows, _ in ran]
-        return [(part, rows, table) for part, (_, rows, table) in zip(y.split(sizes), ran)], maps
+        return (y, rows, spans), maps
 
     def _unit_maps(self, unit: ScaleUnit, x: SiteRows, gate: torch.Tensor, mask: torch.Tensor, first: int,
                    last: int) -> list[tuple[int, torch.Tensor]]:
@@ -456,27 +466,31 @@ class Router(nn.Module):
             out.append((dst, y))
         return out
 
-    def _depthwise(self, unit: ScaleUnit, x: SiteRows, rows: torch.Tensor, first: int, last: int, dense: bool,
-                   counts: list[int] | None) -> torch.Tensor:
-        """The unit's depthwise conv (M, C) at ``rows`` of levels ``first`` .. ``last - 1`` (``counts`` per
-        level; None: all rows): gathered neighbours, or (``dense``, maps only) the grouped conv of each level
-        map that has active rows, read at them."""
-        lay, w, b = x.layout, unit.conv.weight, unit.conv.bias
-        if not dense:
-            y = depthwise_rows(x.buf, w, lay.neighbours.index_select(0, rows))
-            return y if b is None else y + b
-        conv = _conv_nd(lay.ndim)
-        parts, start = [], 0
-        for lvl in range(first, last):
-            count = None if counts is None else counts[lvl - first]
-            if count == 0:
-                continue
-            y = to_rows(conv(lay.level(x.buf, lvl), w, b, padding=1, groups=w.shape[0]))
-            if count is not None:  # the level's active rows, numbered within the level
-                y = y.index_select(0, rows[start:start + count] - lay.offsets[lvl])
-                start += count
-            parts.append(y)
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    @staticmethod
+    def _depthwise(x: SiteRows, units, spans, rows: torch.Tensor, level_counts: list[list[int]]) -> torch.Tensor:
+        """The units' depthwise convs at their pairs' rows (M, C): gathered neighbours, or while more than
+        ``gather_fraction`` of the units' rows are active (maps only), the grouped conv of each level map that
+        has active rows, read at them."""
+        lay = x.layout
+        reach = sum(lay.offsets[units[i][2]] - lay.offsets[units[i][1]] for i, _, _ in spans)
+        parts = []
+        if lay.grid and rows.shape[0] > units[spans[0][0]][0].gather_fraction * reach:
+            conv, local = _conv_nd(lay.ndim), lay.local_rows().index_select(0, rows)
+            for (i, start, _), counts in zip(spans, level_counts):
+                unit, a, b, _ = units[i]
+                w = unit.conv.weight
+                for lvl, count in zip(range(a, b), counts):
+                    if count:
+                        y = to_rows(conv(lay.level(x.buf, lvl), w, unit.conv.bias, padding=1, groups=w.shape[0]))
+                        parts.append(y.index_select(0, local[start:start + count]))
+                    start += count
+        else:
+            table = lay.neighbours.index_select(0, rows)
+            for i, start, size in spans:
+                conv = units[i][0].conv
+                y = depthwise_rows(x.buf, conv.weight, table[start:start + size])
+                parts.append(y if conv.bias is None else y + conv.bias)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     # -------------------------------------------------------------------------------------- depth path
 
@@ -525,7 +539,7 @@ class Router(nn.Module):
                    inplace=not torch.is_grad_enabled())
         h = torch.cat([h, h.new_zeros(1, h.shape[1])])  # the row a missing neighbour reads
         position = torch.full((lay.rows + 1,), n_outer, dtype=torch.int64, device=o.device)
-        position.index_copy_(0, o, torch.arange(n_outer, device=o.device))
+        position.index_copy_(0, o, lay.arange(0, lay.num_levels)[:n_outer])
         h = gather_conv(h, depth.conv2.weight, position[lay.neighbours.index_select(0, d)])
         return d, depth.norm2.forward_rows(h, onehot.index_select(0, d), overwrite=True)
 
@@ -595,19 +609,20 @@ class Router(nn.Module):
         the two units at the pyramid's ends included; see docs/paper_flops.md). ``raw``: the scale units'
         gates at every level."""
         soft = [x if x.shape[1] == 1 else x.mean(dim=1, keepdim=True) for x in raw + [pooled, g]]
-        realised = [(x > 0).any(dim=1, keepdim=True) for x in raw] + [outer[:, None], inner[:, None]]
+        realised = list((torch.stack(raw) > 0).any(dim=2, keepdim=True)) if raw else []
+        realised += [outer[:, None], inner[:, None]]
         terms = torch.cat(soft + realised, dim=1).float()  # (R, 2 · paths): per-pixel gate and on/off
-        weights, full = self._cost_weights(lay, [(a, b) for _, a, b, _ in units])
+        weights, (gates, full, paper_full) = self._cost_weights(lay, [(a, b) for _, a, b, _ in units])
         per_image = torch.einsum("lnk,lkc->nc", lay.per_level_image(terms), weights)  # (N, 4)
-        totals = torch.einsum("ln,lc->nc", lay.sites_per_level_image(), full)  # (N, 3)
-        gates = totals[:, 2]  # the gate convs: every site of their levels, in all three
-        paper = Cost(per_image[:, 2], per_image[:, 3].detach(), totals[:, 1])
-        return Cost(per_image[:, 0] + gates, per_image[:, 1].detach() + gates, totals[:, 0] + gates, paper)
+        paper = Cost(per_image[:, 2], per_image[:, 3].detach(), paper_full)
+        return Cost(per_image[:, 0] + gates, per_image[:, 1].detach() + gates, full, paper)
 
-    def _cost_weights(self, lay: SiteLayout, ranges: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cost_weights(self, lay: SiteLayout, ranges: list[tuple[int, int]]
+                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """MACs per pixel of each path on each level, as (L, 2 · paths, 4) weights from per-level sums of
-        (gates, on/off) to (soft, realised, paper soft, paper realised), and (L, 3) per site for (full,
-        paper full, gate convs). Cached per layout."""
+        (gates, on/off) to (soft, realised, paper soft, paper realised); and the MACs per image (N,) that do
+        not depend on the gates: the gate convs (every site of their levels), the full cost (gate convs
+        included) and the paper's full cost. Cached per layout."""
         conv1, conv2 = self.depth.unit_costs()
         ours = [u.macs_per_pixel() for u in (self.down, self.up)][: len(ranges)] + [conv1, conv2]
         paper = [19 * self.channels] * len(ranges) + [conv1, conv2]  # the reference: 9·C twice plus the norm
@@ -625,6 +640,8 @@ class Router(nn.Module):
                 full[:, 1] += p
                 if k != paths - 2:  # one gate per unit and one for the depth path (conv1 and conv2 share it)
                     full[a:b, 2] += gate
-            return weights.to(lay.device), full.to(lay.device)
+            totals = torch.einsum("ln,lc->nc", lay.sites_per_level_image(), full.to(lay.device))  # (N, 3)
+            gates = totals[:, 2]
+            return weights.to(lay.device), (gates, totals[:, 0] + gates, totals[:, 1])
 
         return lay.cached(key, build)
