@@ -26,3 +26,10 @@ def test_host_reads_per_forward(levels, make_pyramid):
 def test_sparse_operators_do_not_scale_with_levels(make_pyramid):
     three, five = (_counts("sparse", n, make_pyramid).kernels for n in (3, 5))
     assert five <= 1.1 * three, (three, five)
+
+
+@pytest.mark.parametrize("levels", [3, 5])
+def test_sparse_dispatches_fewer_operators_than_dense(levels, make_pyramid):
+    # Both scale units run as one set of pairs: the sparse mode's bookkeeping costs fewer operators than the
+    # dense mode's per-level kernels.
+    assert _counts("sparse", levels, make_pyramid).kernels < _counts("dense", levels, make_pyramid).kernels

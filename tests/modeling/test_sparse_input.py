@@ -13,6 +13,7 @@ from tower_weights import randomise
 from sparsehead import DynamicTower, SpatialGate, collect_cost
 from sparsehead.layers.resample import half_size
 from sparsehead.layers.sites import SiteRows
+from sparsehead.modeling.router import Router
 from sparsehead.modeling.sparse_input import forward_sparse
 
 SHAPE = (12, 10, 8)
@@ -62,11 +63,13 @@ def _control_gates(tower: DynamicTower, masks: list[torch.Tensor], pattern: str,
     reference and the packed rows of all levels in the engine (each level's volume read at its voxels)."""
     gates = [m for m in tower.modules() if isinstance(m, SpatialGate)]
     gen = torch.Generator().manual_seed(seed)
-    for gate in gates:
+    for i, gate in enumerate(gates):
         vols = []
         for m in masks:
             shape = (m.shape[0], gate.num_groups) + tuple(m.shape[1:])
-            if pattern == "none":
+            if pattern == "per_path":  # down, up, depth: 90 %, 10 %, 50 %
+                v = (torch.rand(shape, generator=gen) < (0.9, 0.1, 0.5)[i % 3]).float()
+            elif pattern == "none":
                 v = torch.zeros(shape)
             elif pattern == "all":
                 v = torch.ones(shape)
@@ -175,6 +178,26 @@ def test_pyramid_dense_equals_sparse(pattern, device):
     masks = _masks(3, seed=4)
     _control_gates(tower, masks, pattern)
     _check(tower, _tensors(masks, 8, seed=5, dtype=_dtype(device), device=device))
+
+
+def test_auto_runs_one_unit_at_every_voxel_and_one_at_its_active_voxels(device):
+    """auto at threshold 0.5 with the down unit's gates on at 90 % of the voxels and the up unit's at 10 %:
+    both units in one set of pairs, one at every voxel of its levels (statistics over its active ones), the
+    other at its active voxels; the dense function."""
+    tower = DynamicTower(8, 2, ndim=3, num_levels=3, gn_groups=2, auto_threshold=0.5)
+    randomise(tower, 2)
+    masks = _masks(3, seed=4)
+    _control_gates(tower, masks, "per_path")
+    inputs = _tensors(masks, 8, seed=5, dtype=_dtype(device), device=device)
+    tower.to(inputs[0].features.device, inputs[0].features.dtype)
+    plans = []
+    original = Router._plan
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Router, "_plan", lambda self, *a: plans.extend(original(self, *a)) or plans[-len(a[2]):])
+        got = _run(tower, inputs, "auto", False)
+    assert [full for full, _ in plans[:2]] == [True, False]  # the first router's down and up units
+    _compare(_run(tower, inputs, "dense", False), got, inputs, 1e-4 if inputs[0].features.dtype == torch.float64
+             else 1e-3)
 
 
 @pytest.mark.parametrize("options", [

@@ -178,11 +178,13 @@ def test_3d_tower_dense_equals_sparse(make_pyramid, density, rulebook, device):
     _check_equivalence(tower, feats, device=device)
 
 
-def test_auto_mode_equals_dense(make_pyramid, device):
+@pytest.mark.parametrize("densities", [(0.1, 0.6, 0.9), (0.6, 0.1, 0.9), (0.0, 0.2, 0.5)])
+def test_auto_mode_equals_dense(make_pyramid, densities, device):
+    """Per gate (down, up, depth) a different density, so that auto mixes sparse and dense paths within one
+    forward: either scale unit alone at its active rows (the other at every pixel, or off)."""
     tower = DynamicTower(16, 2, gn_groups=4, num_levels=4, auto_threshold=0.3)
     randomise(tower, seed=7)
-    # Different densities per gate so auto mixes sparse and dense paths within one forward.
-    _control_gates(tower, lambda shape, i: _pattern(shape, [0.1, 0.6, 0.9][i % 3], i))
+    _control_gates(tower, lambda shape, i: _pattern(shape, densities[i % 3], i))
     feats = make_pyramid(2, 16, (13, 11), 4, seed=8)
     _check_equivalence(tower, feats, modes=("dense", "sparse", "auto"), device=device)
 
