@@ -77,9 +77,10 @@ def _read_counts(masks: torch.Tensor, lay: SiteLayout) -> list[list[int]]:
 class ScaleUnit(nn.Module):
     """Gated depthwise 3^ndim conv + GroupNorm run at a source level (one per neighbour direction).
 
-    Holds the unit's weights; :class:`Router` runs it. In the sparse mode its depthwise conv gathers the
-    3^ndim neighbours of each active row while at most ``gather_fraction`` of its rows are active, and
-    above that (on maps) runs the grouped conv over each level and keeps the active rows.
+    Holds the unit's weights; :class:`Router` runs it. In the sparse mode the depthwise convs of the units
+    that run at rows gather the 3^ndim neighbours of each active row while at most ``gather_fraction`` of
+    those units' rows are active, and above that (on maps) run the grouped conv over each level and keep
+    the active rows.
     """
 
     gather_fraction = 0.1
@@ -419,8 +420,8 @@ class Router(nn.Module):
             return None, maps
         first, last = run[0], run[-1] + 1  # the run units are consecutive (at most two)
         if any(fulls):  # every row of the unit's levels (voxels), statistics over the active ones
-            runs = torch.stack([lay.level_mask(a, b, torch.bool)[:, 0] if full else active[i]
-                                for i, full, (_, a, b, _) in zip(run, fulls, [units[i] for i in run])])
+            runs = torch.stack([lay.level_mask(*units[i][1:3], torch.bool)[:, 0] if full else active[i]
+                                for i, full in zip(run, fulls)])
         else:
             runs = active[first:last]
         sizes = [sum(n) for n in level_counts]
