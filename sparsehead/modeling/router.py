@@ -285,8 +285,9 @@ class Router(nn.Module):
         gates = active = None
         with record_function("sparsehead.gate"):
             raw, depth_taps = self._scale_gates(x, units)
+            raw = torch.stack(raw) if units else None  # (U, R, G), every level (the cost counts them all)
             if units:  # a unit runs only on the levels that have a neighbour in its direction
-                gates = torch.stack(raw) * lay.cached(("unit_levels", tuple(ranges), x.buf.dtype), lambda: torch.stack(
+                gates = raw * lay.cached(("unit_levels", tuple(ranges), x.buf.dtype), lambda: torch.stack(
                     [lay.level_mask(a, b, x.buf.dtype) for a, b in ranges]))  # (U, R, G)
                 active = (gates > 0).any(dim=2)  # (U, R)
         plans = self._plan(active, lay, ranges)
@@ -608,9 +609,10 @@ class Router(nn.Module):
         """Soft, realised and full MACs per image (see :mod:`sparsehead.modeling.cost`), and the same in the
         paper's convention (``Cost.paper``: no gate convs, a scale unit counted as 19·C MACs at every level,
         the two units at the pyramid's ends included; see docs/paper_flops.md). ``raw``: the scale units'
-        gates at every level."""
-        soft = [x if x.shape[1] == 1 else x.mean(dim=1, keepdim=True) for x in raw + [pooled, g]]
-        realised = list((torch.stack(raw) > 0).any(dim=2, keepdim=True)) if raw else []
+        gates at every level, (U, R, G), or None without units."""
+        units_raw = [] if raw is None else list(raw)
+        soft = [x if x.shape[1] == 1 else x.mean(dim=1, keepdim=True) for x in units_raw + [pooled, g]]
+        realised = [] if raw is None else list((raw > 0).any(dim=2, keepdim=True))
         realised += [outer[:, None], inner[:, None]]
         terms = torch.cat(soft + realised, dim=1).float()  # (R, 2 · paths): per-pixel gate and on/off
         weights, (gates, full, paper_full) = self._cost_weights(lay, [(a, b) for _, a, b, _ in units])

@@ -180,7 +180,7 @@ def test_pyramid_dense_equals_sparse(pattern, device):
     _check(tower, _tensors(masks, 8, seed=5, dtype=_dtype(device), device=device))
 
 
-def test_auto_runs_one_unit_at_every_voxel_and_one_at_its_active_voxels(device):
+def test_auto_runs_one_unit_at_every_voxel_and_one_at_its_active_voxels(monkeypatch, device):
     """auto at threshold 0.5 with the down unit's gates on at 90 % of the voxels and the up unit's at 10 %:
     both units in one set of pairs, one at every voxel of its levels (statistics over its active ones), the
     other at its active voxels; the dense function."""
@@ -192,9 +192,9 @@ def test_auto_runs_one_unit_at_every_voxel_and_one_at_its_active_voxels(device):
     tower.to(inputs[0].features.device, inputs[0].features.dtype)
     plans = []
     original = Router._plan
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Router, "_plan", lambda self, *a: plans.extend(original(self, *a)) or plans[-len(a[2]):])
-        got = _run(tower, inputs, "auto", False)
+    monkeypatch.setattr(Router, "_plan", lambda self, *a: plans.extend(original(self, *a)) or plans[-len(a[2]):])
+    got = _run(tower, inputs, "auto", False)
+    monkeypatch.undo()
     assert [full for full, _ in plans[:2]] == [True, False]  # the first router's down and up units
     _compare(_run(tower, inputs, "dense", False), got, inputs, 1e-4 if inputs[0].features.dtype == torch.float64
              else 1e-3)

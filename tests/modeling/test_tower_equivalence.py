@@ -198,7 +198,7 @@ def test_auto_thresholds_zero_and_one_run_one_mode(make_pyramid, monkeypatch, th
     _control_gates(tower, lambda shape, i: _pattern(shape, [0.0, 0.5, 1.0][i % 3], i))
     plans = []
     original = Router._plan
-    monkeypatch.setattr(Router, "_plan", lambda self, *a: plans.extend(original(self, *a)) or plans[-len(a[0]):])
+    monkeypatch.setattr(Router, "_plan", lambda self, *a: plans.extend(original(self, *a)) or plans[-len(a[2]):])
     with torch.no_grad():
         tower(make_pyramid(1, 16, (9, 8), 3, seed=8))
     assert plans and {"dense" if full else "sparse" for full, _ in plans} == {runs}
