@@ -31,6 +31,21 @@ Rules (device-independent):
 ``by_op`` counts every kernel operator and every sync by name (a ``nonzero`` appears once in it, and
 counts in both ``kernels`` and ``syncs``; ``.item()`` appears as ``item``). Only the calling thread is
 counted.
+
+A compiled function runs its own fused kernels, which no dispatcher sees: :func:`count_launches` counts
+the kernels of any run, compiled or not, from the profiler's record of it::
+
+    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):  # CPU: before compiling
+        compiled = torch.compile(model)
+        compiled(x)
+    count_launches(lambda: compiled(x))
+
+On CUDA it counts the kernel launches the CUDA runtime records (every kernel: torch's, Triton's, cuBLAS',
+spconv's). On a CPU it counts the kernels inductor generated (they appear in the profiler only when
+compiled with ``cpp.enable_kernel_profile``) and the torch operators the run calls, by the rules of
+``kernels`` above: the outermost operator that launches a kernel counts once, composite operators
+(``matmul``, ``to``) count as the operators they call. For an eager run on a CPU it equals
+``count_ops(fn).kernels``.
 """
 from __future__ import annotations
 
@@ -39,10 +54,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from torch.autograd.profiler_util import FunctionEvent
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["OpCounts", "OpCounter", "count_ops", "NO_KERNEL_OPS", "SYNC_OPS", "HOST_READ_METHODS"]
+__all__ = [
+    "OpCounts", "OpCounter", "count_ops", "count_launches", "NO_KERNEL_OPS", "SYNC_OPS", "HOST_READ_METHODS",
+]
 
 # Operators that launch no kernel: views, metadata and layout changes that share storage, allocations
 # without initialisation, tensor literals and profiler markers.
@@ -202,3 +220,66 @@ def count_ops(fn: Callable[[], Any]) -> OpCounts:
     with OpCounter() as counter:
         fn()
     return counter.counts()
+
+
+# CUDA (and ROCm) runtime calls that launch one kernel each, as the profiler records them.
+_LAUNCH_CALLS = frozenset({
+    "cudaLaunchKernel", "cudaLaunchKernelExC", "cudaLaunchCooperativeKernel", "cuLaunchKernel",
+    "cuLaunchKernelEx", "hipLaunchKernel", "hipExtLaunchKernel", "hipModuleLaunchKernel",
+    "hipExtModuleLaunchKernel",
+})
+_GENERATED_KERNEL = "cpp_fused"  # inductor's C++ kernels are named cpp_fused_<ops>_<n>
+
+
+def _composite(name: str) -> bool:
+    """Whether the operator ``aten::name`` only calls other operators: its default overload is composite,
+    or, without one, every overload (``matmul``, ``linear``, ``to``; ``index_select`` is not, although its
+    Dimname overload is)."""
+    packet = getattr(torch.ops.aten, name[len("aten::"):], None)
+    names = packet.overloads() if packet is not None else []
+    found = []
+    for overload in ["default"] if "default" in names else names:
+        try:
+            found.append(getattr(packet, overload).has_kernel_for_dispatch_key("CompositeImplicitAutograd"))
+        except RuntimeError:  # an overload TorchScript knows but the dispatcher does not
+            pass
+    return bool(found) and all(found)
+
+
+def _cpu_kernels(event: FunctionEvent, tally: Counter) -> None:
+    name = event.name
+    if _GENERATED_KERNEL in name:
+        tally[name] += 1
+        return
+    if name.startswith("aten::") and not _composite(name):
+        op = name[len("aten::"):]
+        if op not in NO_KERNEL_OPS and op not in ("resolve_conj", "resolve_neg"):
+            tally[op] += 1
+        return  # what a kernel operator calls inside is part of it
+    for child in event.cpu_children:
+        _cpu_kernels(child, tally)
+
+
+def count_launches(fn: Callable[[], Any]) -> Counter:
+    """Run ``fn()`` once under the profiler and count the kernels it launches, by name (rules in the
+    module docstring); ``sum(counts.values())`` is the total. CUDA is synchronised before and after."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+    tally: Counter = Counter()
+    launches = [e.name for e in events if e.name in _LAUNCH_CALLS]
+    if launches:  # the runtime saw every kernel, whoever launched it
+        tally.update(launches)
+        return tally
+    for event in events:
+        if event.cpu_parent is None:
+            _cpu_kernels(event, tally)
+    return tally

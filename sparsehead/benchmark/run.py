@@ -13,11 +13,11 @@ Executions: the gated model in ``dense``, ``sparse`` and ``auto`` mode, and the 
 ``--compile``, under ``torch.compile``. Per point: untimed probe forwards (memory, gate statistics, the
 sparse stage clock), one counted forward per eager execution (kernels and host reads), the compiled
 executions warmed until they compile nothing more (graph breaks from ``torch._dynamo.explain`` at the
-case's first point; compile time reported apart), then ``repeats`` interleaved timed rounds under
-``torch.no_grad()``, medians reported; under ``--compile all`` a second pass, after a dynamo reset, times
-the compiled sparse and auto executions. ``best_dense_ms`` is the fastest of the gated dense mode and the
-fixed baseline, eager or compiled; ``speedup`` is ``best_dense_ms / sparse_ms``. Options and columns:
-``docs/benchmark.md``.
+case's first point; compile time reported apart) and their kernels counted from one profiled forward,
+then ``repeats`` interleaved timed rounds under ``torch.no_grad()``, medians reported; under
+``--compile all`` a second pass, after a dynamo reset, times the compiled sparse and auto executions.
+``best_dense_ms`` is the fastest of the gated dense mode and the fixed baseline, eager or compiled;
+``speedup`` is ``best_dense_ms / sparse_ms``. Options and columns: ``docs/benchmark.md``.
 """
 from __future__ import annotations
 
@@ -32,12 +32,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+import torch._inductor.config
 
 from ..modeling.router import DepthPath, default_rulebook
 from .cli import parse_args
 from .compiling import compile_limits, graph_breaks, graphs_compiled, max_abs_diff, warm_compiled
 from .conv import ConvPair
-from .counting import count_ops
+from .counting import count_launches, count_ops
 from .crossover import apply_crossover, crossover_from_rows, load_crossover, save_crossover
 from .measure import ModuleTimer, cpu_name, finite, peak_memory_mb, profile_stages, timed
 from .output import format_tables, write_outputs
@@ -155,6 +156,8 @@ def _compile(case: Case, s: Settings, state: _CaseState, execs: Sequence[str], f
         row[f"{e}_compile_s"] = finite(seconds, 2)
         row[f"{e}_graph_breaks"] = state.breaks.get(e)
         row[f"{e}_compiled_max_diff"] = finite(max_abs_diff(out, outputs.get(e)), 8)
+        if s.count:
+            row[f"{e}_compiled_kernels"] = sum(count_launches(functools.partial(call, e)).values())
 
 
 def measure_point(
@@ -272,7 +275,9 @@ def run_benchmark(s: Settings, log: Callable[[str], None] = print) -> list[dict[
             + " ".join(f"P{i + 3} {f:.3f}" for i, f in enumerate(fractions)))
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=total, disable=not s.progress, desc="benchmark", file=sys.stderr, dynamic_ncols=True)
-    with torch.no_grad(), compile_limits():
+    # Inductor's CPU kernels show in the profiler (the compiled kernel counts) only when generated so.
+    profiled = {"cpp.enable_kernel_profile": s.count and s.compile != "none"}
+    with torch.no_grad(), compile_limits(), torch._inductor.config.patch(profiled):
         for workload in s.workloads:
             for pattern in s.patterns:
                 for case in build_cases(s, workload, pattern, device):

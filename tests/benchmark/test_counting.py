@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from sparsehead.benchmark.counting import OpCounter, count_ops
+from sparsehead.benchmark.counting import OpCounter, count_launches, count_ops
 
 
 def _x() -> torch.Tensor:
@@ -98,6 +98,37 @@ def test_small_module_forward():
     # transpose is a view).
     assert c.by_op == {"convolution": 1, "native_group_norm": 1, "relu": 1, "addmm": 1}
     assert (c.kernels, c.syncs) == (4, 0)
+    # The profiler's count of the same forward follows the same rules.
+    with torch.no_grad():
+        assert count_launches(lambda: model(x)) == c.by_op
+
+
+def test_launches_of_an_eager_run_follow_the_dispatcher_rules():
+    x = _x()
+    # matmul and to() are composite: counted as the mm and the copy they call; a to() to the same dtype,
+    # views and the profiler's labels launch nothing.
+    def fn():
+        with record_function("sparsehead.gate"):
+            return (x @ x.t()).relu().to(torch.float64), x.to(torch.float32), x.t()[0]
+
+    assert count_launches(fn) == count_ops(fn).by_op == {"mm": 1, "relu": 1, "_to_copy": 1}
+
+
+@pytest.mark.slow
+def test_launches_of_a_compiled_run_are_its_fused_kernels():
+    """Inductor fuses an elementwise chain into one generated kernel, which the profiler then records."""
+    import torch._inductor.config
+
+    x = torch.randn(64, 64)
+    eager = lambda: ((x * 2).sin() + 1).mm(x)  # noqa: E731
+    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
+        compiled = torch.compile(eager)
+        compiled()
+        counts = count_launches(compiled)
+    assert sum(count_launches(eager).values()) == 4  # mul, sin, add, mm
+    generated = [k for k in counts if "cpp_fused" in k]
+    assert len(generated) == 1 and counts[generated[0]] == 1
+    assert counts["mm"] == 1 and sum(counts.values()) == 2
 
 
 def test_counter_context_and_nesting_restored():
