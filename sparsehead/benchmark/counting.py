@@ -261,8 +261,9 @@ def _cpu_kernels(event: FunctionEvent, tally: Counter) -> None:
 
 
 def count_launches(fn: Callable[[], Any]) -> Counter:
-    """Run ``fn()`` once under the profiler and count the kernels it launches, by name (rules in the
-    module docstring); ``sum(counts.values())`` is the total. CUDA is synchronised before and after."""
+    """Run ``fn()`` once under the profiler and count the kernels it launches (rules in the module
+    docstring), by name: the operator or generated kernel on a CPU, the runtime call that launched it on
+    CUDA. ``sum(counts.values())`` is the total. CUDA is synchronised before and after."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()

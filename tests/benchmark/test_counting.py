@@ -114,6 +114,15 @@ def test_launches_of_an_eager_run_follow_the_dispatcher_rules():
     assert count_launches(fn) == count_ops(fn).by_op == {"mm": 1, "relu": 1, "_to_copy": 1}
 
 
+def test_launches_of_elementwise_ops_on_the_device(device):
+    """One kernel per elementwise operator, counted on a CPU from the operators and on CUDA from the
+    runtime's launches."""
+    x = torch.randn(1000, device=device)
+    (x + 1).relu()
+    assert sum(count_launches(lambda: x + 1).values()) == 1
+    assert sum(count_launches(lambda: (x + 1).relu()).values()) == 2
+
+
 @pytest.mark.slow
 def test_launches_of_a_compiled_run_are_its_fused_kernels():
     """Inductor fuses an elementwise chain into one generated kernel, which the profiler then records."""
