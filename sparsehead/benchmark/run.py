@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-import torch._inductor.config
 
 from ..modeling.router import DepthPath, default_rulebook
 from .cli import parse_args
@@ -254,6 +253,7 @@ def _point_count(s: Settings, workload: str, pattern: str) -> int:
 
 def run_benchmark(s: Settings, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Measure every (workload, pattern, case, point) of ``s``; returns the rows."""
+    import torch._inductor.config
     from tqdm import tqdm
 
     device = torch.device(s.device)
