@@ -49,6 +49,7 @@ compiled with ``cpp.enable_kernel_profile``) and the torch operators the run cal
 """
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -231,11 +232,16 @@ _LAUNCH_CALLS = frozenset({
 _GENERATED_KERNEL = "cpp_fused"  # inductor's C++ kernels are named cpp_fused_<ops>_<n>
 
 
-def _composite(name: str) -> bool:
-    """Whether the operator ``aten::name`` only calls other operators: its default overload is composite,
-    or, without one, every overload (``matmul``, ``linear``, ``to``; ``index_select`` is not, although its
-    Dimname overload is)."""
-    packet = getattr(torch.ops.aten, name[len("aten::"):], None)
+@functools.cache
+def _calls_only_others(name: str) -> bool:
+    """Whether the operator ``aten::name`` launches no kernel of its own, only through the operators it
+    calls: ``resolve_conj`` / ``resolve_neg`` (a copy only for a conjugated or negated view), or a
+    composite operator, one whose default overload is composite or, without one, every overload
+    (``matmul``, ``linear``, ``to``; ``index_select`` is not, although its Dimname overload is)."""
+    op = name[len("aten::"):]
+    if op in ("resolve_conj", "resolve_neg"):
+        return True
+    packet = getattr(torch.ops.aten, op, None)
     names = packet.overloads() if packet is not None else []
     found = []
     for overload in ["default"] if "default" in names else names:
@@ -251,9 +257,9 @@ def _cpu_kernels(event: FunctionEvent, tally: Counter) -> None:
     if _GENERATED_KERNEL in name:
         tally[name] += 1
         return
-    if name.startswith("aten::") and not _composite(name):
+    if name.startswith("aten::") and not _calls_only_others(name):
         op = name[len("aten::"):]
-        if op not in NO_KERNEL_OPS and op not in ("resolve_conj", "resolve_neg"):
+        if op not in NO_KERNEL_OPS:
             tally[op] += 1
         return  # what a kernel operator calls inside is part of it
     for child in event.cpu_children:
