@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .sites import SiteRows
-from .sparse import from_rows, to_rows
+from .sparse import from_rows, matmul_rows, to_rows
 
 __all__ = [
     "GeReTanH", "SigmoidGate", "SoftmaxGate", "SpatialGate", "apply_gates", "build_gate_activation",
@@ -225,7 +225,7 @@ def rows_taps(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """:func:`conv_taps` of pixel rows (R, C): (R, G · 3^ndim)."""
     groups, c = weight.shape[:2]
     taps = weight[0, 0].numel()
-    return rows @ weight.reshape(groups, c, taps).transpose(0, 1).reshape(c, groups * taps)
+    return matmul_rows(rows, weight.reshape(groups, c, taps).transpose(0, 1).reshape(c, groups * taps))
 
 
 def sum_taps(taps: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -30,6 +30,8 @@ __all__ = [
     "SparseConvWeight",
     "conv_algo",
     "gather_conv",
+    "matmul_rows",
+    "uses_onednn",
     "depthwise_rows",
     "to_rows",
     "from_rows",
@@ -148,6 +150,40 @@ def _chunks(rows: int, row_bytes: int, device: torch.device) -> list[tuple[int, 
     return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
+def _onednn_linear():
+    """oneDNN's linear (the kernel inductor uses for linear layers on CPU), or None where torch lacks it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_ONEDNN_LINEAR = _onednn_linear()
+# Dtypes oneDNN's CPU GEMM takes; others (float64) use torch.mm.
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def uses_onednn(x: torch.Tensor) -> bool:
+    """Whether the GEMMs over rows ``x`` (:func:`matmul_rows`, :func:`gather_conv`'s forward) run on oneDNN
+    (eager, CPU, float32 or bfloat16, ``torch.backends.mkldnn.enabled``) rather than ``torch.mm`` (BLAS, or
+    cuBLAS; under ``torch.compile`` the compiler picks the GEMM). oneDNN's GEMM is the one torch's CPU
+    convolutions run on; BLAS is slower on some CPUs."""
+    return (
+        _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES
+        and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling()
+    )
+
+
+def matmul_rows(rows: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``rows @ right`` for rows (M, K) and a matrix (K, N): (M, N). On oneDNN where :func:`uses_onednn`
+    says so and no gradient is being recorded through it, else on ``torch.matmul``."""
+    if uses_onednn(rows) and not (torch.is_grad_enabled() and (rows.requires_grad or right.requires_grad)):
+        return _ONEDNN_LINEAR(rows, right.t().contiguous(), None, "none", [], "")  # takes the weight (N, K)
+    return rows @ right
+
+
 class _GatherConv(torch.autograd.Function):
     """Gather-GEMM conv over row chunks; the backward gathers the columns again."""
 
@@ -155,11 +191,16 @@ class _GatherConv(torch.autograd.Function):
     def forward(ctx, features, weight, table):
         w = weight.reshape(weight.shape[0], -1)  # (C_out, K * C_in): taps major, as the columns
         m, k = table.shape
+        chunks = _chunks(m, w.shape[1] * features.element_size(), features.device)
+        ctx.save_for_backward(features, weight, table)
+        if uses_onednn(features):  # oneDNN's linear writes its own output
+            cols = (features.index_select(0, table[a:b].reshape(-1)).view(b - a, -1) for a, b in chunks)
+            outs = [matmul_rows(c, w.t()) for c in cols]
+            return torch.cat(outs) if len(outs) > 1 else outs[0]
         out = features.new_empty(m, w.shape[0])
-        for a, b in _chunks(m, w.shape[1] * features.element_size(), features.device):
+        for a, b in chunks:
             cols = features.index_select(0, table[a:b].reshape(-1)).view(b - a, -1)  # (rows, K * C_in)
             torch.mm(cols, w.t(), out=out[a:b])
-        ctx.save_for_backward(features, weight, table)
         return out
 
     @staticmethod
@@ -192,7 +233,8 @@ def gather_conv(features: torch.Tensor, weight: torch.Tensor, table: torch.Tenso
     Returns:
         (M, C_out), differentiable in ``features`` and ``weight``. Each output row's K neighbour rows are
         gathered into one column row (K · C_in) and multiplied by the weight in one GEMM per chunk of rows
-        (on CPU chunks of 8 MB of columns; elsewhere one).
+        (on CPU chunks of 8 MB of columns; elsewhere one). The forward GEMMs run on oneDNN where
+        :func:`uses_onednn` says so, else on ``torch.mm``; the backward on ``torch.mm``.
     """
     if table.shape[0] == 0:
         return features.new_zeros(0, weight.shape[0])

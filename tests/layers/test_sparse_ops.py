@@ -14,7 +14,9 @@ from sparsehead.layers.sparse import (
     flat_index,
     gather_conv,
     mask_indices,
+    matmul_rows,
     to_rows,
+    uses_onednn,
 )
 
 
@@ -162,6 +164,74 @@ def test_gather_conv_chunks_do_not_change_the_result(monkeypatch):
     assert len(sparse._chunks(40, 36 * 8, x.device)) == 14
     for a, b in zip(whole, run()):
         assert torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_gather_conv_gemm_kernel_follows_dtype_and_flag(dtype, device, monkeypatch):
+    """On CPU the forward GEMMs of float32 / bfloat16 rows run on oneDNN (unless torch.backends.mkldnn is
+    disabled), float64 on torch.mm; every kernel gives torch's conv at the rows, with gradients."""
+    import sparsehead.layers.sparse as sparse
+
+    if sparse._ONEDNN_LINEAR is None:
+        pytest.skip("this torch has no oneDNN linear")
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return linear(*args)
+
+    linear = sparse._ONEDNN_LINEAR
+    monkeypatch.setattr(sparse, "_ONEDNN_LINEAR", counted)
+    monkeypatch.setattr(sparse, "_CPU_CHUNK_BYTES", 5 * 9 * 16 * 4)  # several chunks
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 9, 7, device=device)
+    w = torch.randn(8, 3, 3, 16, device=device) * 0.1
+    out_flat = flat_index(mask_indices(torch.rand(2, 1, 9, 7, device=device) < 0.4), (9, 7))
+    table = map_layout(2, [(9, 7)], device).neighbours.index_select(0, out_flat)
+    expected = to_rows(channels_last(F.conv2d(x, w.movedim(-1, 1), padding=1))).index_select(0, out_flat)
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-5
+
+    def run(enabled: bool):
+        calls.clear()
+        monkeypatch.setattr(torch.backends.mkldnn, "enabled", enabled)
+        xs, ws = _padded_rows(x).to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+        got = gather_conv(xs, ws, table)
+        assert got.dtype == dtype and got.shape == expected.shape
+        assert torch.allclose(got.float(), expected, atol=tol, rtol=tol)
+        gx, gw = torch.autograd.grad(got.float().square().sum(), (xs, ws))
+        return gx.float(), gw.float(), len(calls)
+
+    gx, gw, used = run(True)
+    onednn = device.type == "cpu" and dtype != torch.float64
+    assert uses_onednn(x.to(dtype)) == onednn
+    chunks = sparse._chunks(table.shape[0], 9 * 16 * torch.finfo(dtype).bits // 8, x.device)
+    assert used == (len(chunks) if onednn else 0) and (len(chunks) > 1 or not onednn)
+    rx, rw, used = run(False)
+    assert used == 0
+    assert torch.allclose(gx, rx, atol=10 * tol, rtol=10 * tol) and torch.allclose(gw, rw, atol=10 * tol, rtol=10 * tol)
+
+
+def test_matmul_rows_uses_onednn_only_without_gradients(device, monkeypatch):
+    import sparsehead.layers.sparse as sparse
+
+    calls = []
+    linear = sparse._ONEDNN_LINEAR
+    if linear is None:
+        pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setattr(sparse, "_ONEDNN_LINEAR", lambda *args: calls.append(1) or linear(*args))
+    torch.manual_seed(0)
+    rows, right = torch.randn(40, 16, device=device), torch.randn(16, 27, device=device)
+    expected = rows.double() @ right.double()
+    with torch.no_grad():
+        out = matmul_rows(rows, right.t().contiguous().t())  # a transposed right operand
+    assert torch.allclose(out.double(), expected, atol=1e-5) and out.shape == (40, 27)
+    assert len(calls) == (1 if uses_onednn(rows) else 0) and uses_onednn(rows) == (device.type == "cpu")
+    calls.clear()
+    right.requires_grad_()
+    out = matmul_rows(rows, right)  # recorded for autograd: torch.matmul
+    assert not calls and torch.allclose(out.double(), expected, atol=1e-5)
+    (grad,) = torch.autograd.grad(out.sum(), right)
+    assert torch.allclose(grad, rows.sum(0)[:, None].expand(16, 27), atol=1e-5)
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
