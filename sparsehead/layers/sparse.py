@@ -193,14 +193,16 @@ class _GatherConv(torch.autograd.Function):
         m, k = table.shape
         chunks = _chunks(m, w.shape[1] * features.element_size(), features.device)
         ctx.save_for_backward(features, weight, table)
-        if uses_onednn(features):  # oneDNN's linear writes its own output
-            cols = (features.index_select(0, table[a:b].reshape(-1)).view(b - a, -1) for a, b in chunks)
-            outs = [matmul_rows(c, w.t()) for c in cols]
-            return torch.cat(outs) if len(outs) > 1 else outs[0]
-        out = features.new_empty(m, w.shape[0])
+        onednn = uses_onednn(features)
+        out = None if onednn and len(chunks) == 1 else features.new_empty(m, w.shape[0])
         for a, b in chunks:
             cols = features.index_select(0, table[a:b].reshape(-1)).view(b - a, -1)  # (rows, K * C_in)
-            torch.mm(cols, w.t(), out=out[a:b])
+            if not onednn:
+                torch.mm(cols, w.t(), out=out[a:b])
+            elif out is None:
+                out = matmul_rows(cols, w.t())
+            else:  # oneDNN's linear writes its own output: copied chunk by chunk, one chunk's at a time
+                out[a:b] = matmul_rows(cols, w.t())
         return out
 
     @staticmethod
