@@ -194,15 +194,18 @@ class _GatherConv(torch.autograd.Function):
         chunks = _chunks(m, w.shape[1] * features.element_size(), features.device)
         ctx.save_for_backward(features, weight, table)
         onednn = uses_onednn(features)
-        out = None if onednn and len(chunks) == 1 else features.new_empty(m, w.shape[0])
+
+        def cols(a: int, b: int) -> torch.Tensor:  # (b - a, K * C_in)
+            return features.index_select(0, table[a:b].reshape(-1)).view(b - a, -1)
+
+        if onednn and len(chunks) == 1:  # oneDNN's linear writes its own output
+            return matmul_rows(cols(0, m), w.t())
+        out = features.new_empty(m, w.shape[0])
         for a, b in chunks:
-            cols = features.index_select(0, table[a:b].reshape(-1)).view(b - a, -1)  # (rows, K * C_in)
-            if not onednn:
-                torch.mm(cols, w.t(), out=out[a:b])
-            elif out is None:
-                out = matmul_rows(cols, w.t())
-            else:  # oneDNN's linear writes its own output: copied chunk by chunk, one chunk's at a time
-                out[a:b] = matmul_rows(cols, w.t())
+            if onednn:  # copied into the output chunk by chunk, one chunk's result at a time
+                out[a:b] = matmul_rows(cols(a, b), w.t())
+            else:
+                torch.mm(cols(a, b), w.t(), out=out[a:b])
         return out
 
     @staticmethod

@@ -175,12 +175,12 @@ def test_gather_conv_gemm_kernel_follows_dtype_and_flag(dtype, device, monkeypat
     if sparse._ONEDNN_LINEAR is None:
         pytest.skip("this torch has no oneDNN linear")
     calls = []
+    linear = sparse._ONEDNN_LINEAR
 
     def counted(*args):
         calls.append(args[0].shape)
         return linear(*args)
 
-    linear = sparse._ONEDNN_LINEAR
     monkeypatch.setattr(sparse, "_ONEDNN_LINEAR", counted)
     monkeypatch.setattr(sparse, "_CPU_CHUNK_BYTES", 5 * 9 * 16 * 4)  # several chunks
     torch.manual_seed(0)
