@@ -42,25 +42,44 @@ def group_norm_rows(
     Returns:
         (M, C). Statistics are two-pass (mean, then the centred squares), so data far from zero mean keeps
         its precision; segment sums and the scatter back to rows are matrix products with ``segments``.
+        Without autograd the same arithmetic runs as fewer passes over the rows (in place when
+        ``overwrite``): the per-row means are subtracted and the per-row scales applied through matrix
+        products with ``segments`` into one buffer, instead of broadcasts over the channel groups.
     """
     m, c = rows.shape
     size = c // groups
-    inplace = overwrite and not torch.is_grad_enabled() and rows.is_contiguous()
     stats = segments if mask is None else segments * mask.to(rows.dtype)[:, None]
     count = stats.sum(dim=0).clamp_min(1.0)[:, None]  # (S, 1) rows per segment
+    if not torch.is_grad_enabled():
+        return _group_norm_rows_inference(rows, segments, stats, count, groups, weight, bias, eps, overwrite)
     mean = (stats.t() @ rows).view(-1, groups, size).mean(dim=2) / count  # (S, G)
-    grouped, shift = rows.reshape(m, groups, size), (segments @ mean)[:, :, None]  # (M, G, C / G), (M, G, 1)
-    centred = (grouped.sub_(shift) if inplace else grouped - shift).view(m, c)
+    centred = (rows.reshape(m, groups, size) - (segments @ mean)[:, :, None]).view(m, c)  # (M, C)
     var = (stats.t() @ centred.square()).view(-1, groups, size).mean(dim=2) / count  # (S, G)
     scale = ((var + eps).rsqrt()[:, :, None] * weight.view(-1, groups, size)).view(-1, c)  # (S, C)
-    if inplace:  # one (M, C) temporary at a time
-        centred.mul_(segments @ scale)
-        return centred.add_(segments @ bias if bias.dim() == 2 else bias)
     if bias.dim() == 2:  # per-segment bias: scattered with the scale
         scale, bias = (segments @ torch.cat([scale, bias], dim=1)).split(c, dim=1)
     else:
         scale = segments @ scale
     return torch.addcmul(bias, centred, scale)
+
+
+def _group_norm_rows_inference(
+    rows: torch.Tensor, segments: torch.Tensor, stats: torch.Tensor, count: torch.Tensor, groups: int,
+    weight: torch.Tensor, bias: torch.Tensor, eps: float, overwrite: bool,
+) -> torch.Tensor:
+    """:func:`group_norm_rows` without autograd: the rows (M, C) are centred in place by one ``addmm_`` with
+    the per-segment means spread over their channels, their squares' buffer then takes the per-row scales."""
+    c = rows.shape[1]
+    s, size = segments.shape[1], c // groups
+    x = rows if overwrite and rows.is_contiguous() else rows.clone(memory_format=torch.contiguous_format)
+    average = (stats / count.view(1, s)).t()  # (S, M): segment means as one product
+    mean = (average @ x).view(s, groups, size).mean(dim=2, keepdim=True)  # (S, G, 1)
+    x.addmm_(segments, mean.expand(s, groups, size).reshape(s, c), alpha=-1.0)  # centred
+    buf = x.square()
+    var = (average @ buf).view(s, groups, size).mean(dim=2, keepdim=True)  # (S, G, 1)
+    scale = (var.add_(eps).rsqrt_() * weight.view(-1, groups, size)).view(-1, c)  # (S, C)
+    x.mul_(torch.mm(segments, scale, out=buf))
+    return x.addmm_(segments, bias) if bias.dim() == 2 else x.add_(bias)
 
 
 def group_norm_maps(
