@@ -217,3 +217,33 @@ def test_budget_weight_ramps_up_over_the_warmup(dataset_root, tmp_path):
     for it in (1, 2, 3):
         assert flat[it]["loss_budget"] == pytest.approx(0.5 * 0.99, rel=0.05)
         assert ramp[it]["loss_budget"] == pytest.approx(it / 1000 * 0.5 * 0.99, rel=0.05)
+
+
+class ExecutionRecorder(Trainer):
+    """Records the execution mode of every router after each training step."""
+
+    def after_step(self, iteration):
+        from sparsehead.modeling.router import Router
+
+        self.modes = getattr(self, "modes", set())
+        self.modes |= {m.execution for m in self.model.modules() if isinstance(m, Router)}
+
+
+def test_sparse_and_dense_training_give_the_same_losses(dataset_root, tmp_path):
+    """model.head.train_execution: the routers train in that mode and evaluate in model.head.execution;
+    the sparse and dense executions are one function, so a few steps give the same losses (float32)."""
+    extra = {"model.head.kind": "dynamic", "model.head.budget_weight": 0.5, "model.head.budget_warmup": 0,
+             "model.head.execution": "sparse", "solver.max_iter": 4, "data.flip_prob": 0.0}
+    logs = {}
+    for mode in ("sparse", "dense"):
+        trainer = ExecutionRecorder(tiny_cfg(dataset_root, tmp_path / mode, **extra,
+                                             **{"model.head.train_execution": mode}))
+        trainer.run()
+        assert trainer.modes == {mode}
+        logs[mode] = read_log(tmp_path / mode)
+    assert sorted(logs["sparse"]) == sorted(logs["dense"]) == [1, 2, 3, 4]
+    for it, rec in logs["dense"].items():
+        for key in ("loss", "loss_budget", "classification", "bbox_regression", "bbox_ctrness"):
+            assert logs["sparse"][it][key] == pytest.approx(rec[key], rel=1e-4, abs=1e-6), (it, key)
+    metrics = [json.loads((tmp_path / mode / "metrics.json").read_text()) for mode in ("sparse", "dense")]
+    assert metrics[0]["head_gmacs_avg"] == pytest.approx(metrics[1]["head_gmacs_avg"], rel=1e-3)
