@@ -230,8 +230,8 @@ class ExecutionRecorder(Trainer):
 
 
 def test_sparse_and_dense_training_give_the_same_losses(dataset_root, tmp_path):
-    """model.head.train_execution: the routers train in that mode and evaluate in model.head.execution;
-    the sparse and dense executions are one function, so a few steps give the same losses (float32)."""
+    """model.head.train_execution: the routers run in that mode while training; the sparse and dense
+    executions are one function, so a few steps give the same losses (float32) and evaluate alike."""
     extra = {"model.head.kind": "dynamic", "model.head.budget_weight": 0.5, "model.head.budget_warmup": 0,
              "model.head.execution": "sparse", "solver.max_iter": 4, "data.flip_prob": 0.0}
     logs = {}
