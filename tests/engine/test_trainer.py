@@ -13,6 +13,7 @@ from sparsehead.engine.checkpoint import read_checkpoint
 from sparsehead.engine.evaluation import METRIC_KEYS
 from sparsehead.engine.launch import run_evaluation, train_main
 from sparsehead.engine.trainer import RunError, Trainer
+from sparsehead.modeling.router import Router
 
 pytestmark = pytest.mark.slow
 
@@ -222,10 +223,11 @@ def test_budget_weight_ramps_up_over_the_warmup(dataset_root, tmp_path):
 class ExecutionRecorder(Trainer):
     """Records the execution mode of every router after each training step."""
 
-    def after_step(self, iteration):
-        from sparsehead.modeling.router import Router
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.modes = set()
 
-        self.modes = getattr(self, "modes", set())
+    def after_step(self, iteration):
         self.modes |= {m.execution for m in self.model.modules() if isinstance(m, Router)}
 
 
