@@ -1,12 +1,9 @@
 """sparsehead: the fine-grained dynamic detection head with its gated paths run as spconv sparse convolutions."""
+from .layers.gates import GeReTanH, SpatialGate
+from .modeling.cost import Cost, collect_cost
+from .modeling.router import Router
+from .modeling.tower import DynamicTower, set_execution
 from .utils.optional import has_spconv, import_spconv
-
-has_spconv()  # imports spconv, when it is installed, before the modules below, without its deprecation warnings
-
-from .layers.gates import GeReTanH, SpatialGate  # noqa: E402
-from .modeling.cost import Cost, collect_cost  # noqa: E402
-from .modeling.router import Router  # noqa: E402
-from .modeling.tower import DynamicTower, set_execution  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [

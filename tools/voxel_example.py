@@ -25,13 +25,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparsehead import DynamicTower, SpatialGate, collect_cost  # first: it imports spconv without its warnings
+from sparsehead import DynamicTower, SpatialGate, collect_cost, import_spconv
 from sparsehead.modeling.sparse_input import forward_sparse
 
+spconv = import_spconv()  # spconv.pytorch, imported without its deprecation warnings (or an error naming the extras)
+
 # isort: split
-import spconv.pytorch as spconv
-from spconv.core import ConvAlgo
-from spconv.pytorch.utils import PointToVoxel
+from spconv.core import ConvAlgo  # noqa: E402
+from spconv.pytorch.utils import PointToVoxel  # noqa: E402
 
 VOXEL = 0.2
 RANGE = (-20.0, -20.0, -1.0, 20.0, 20.0, 3.0)  # x, y, z min then max, metres

@@ -109,3 +109,28 @@ def test_cpu_tower_runs_without_spconv():
     proc = subprocess.run([sys.executable, "-c", BLOCKED], capture_output=True, text=True, timeout=300,
                           cwd=REPO, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+LAZY = textwrap.dedent("""
+    import sys
+
+    import torch
+    import sparsehead
+    from sparsehead import DynamicTower
+
+    assert "spconv" not in sys.modules, "import sparsehead imported spconv"
+    tower = DynamicTower(16, 1, gn_groups=4, num_levels=2).eval()
+    tower.set_execution("sparse")
+    with torch.no_grad():
+        tower([torch.randn(1, 16, 8, 8), torch.randn(1, 16, 4, 4)])
+    assert "spconv" not in sys.modules, "a CPU tower imported spconv"
+    assert sparsehead.has_spconv() == ("spconv.pytorch" in sys.modules)
+    print("ok")
+""")
+
+
+def test_spconv_is_imported_only_when_needed():
+    """2D towers on CPU never need spconv: importing the package and running one leaves it unimported."""
+    proc = subprocess.run([sys.executable, "-c", LAZY], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
