@@ -105,10 +105,15 @@ BLOCKED = textwrap.dedent("""
 """)
 
 
-def test_cpu_tower_runs_without_spconv():
-    proc = subprocess.run([sys.executable, "-c", BLOCKED], capture_output=True, text=True, timeout=300,
+def _run_script(script: str) -> None:
+    """Run ``script`` in a fresh interpreter on this checkout; it must print exactly ``ok``."""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           cwd=REPO, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_cpu_tower_runs_without_spconv():
+    _run_script(BLOCKED)
 
 
 LAZY = textwrap.dedent("""
@@ -131,6 +136,4 @@ LAZY = textwrap.dedent("""
 
 def test_spconv_is_imported_only_when_needed():
     """2D towers on CPU never need spconv: importing the package and running one leaves it unimported."""
-    proc = subprocess.run([sys.executable, "-c", LAZY], capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    _run_script(LAZY)
