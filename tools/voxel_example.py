@@ -11,21 +11,22 @@ downsampling, applied to the voxels with :func:`sparsehead.modeling.sparse_input
 The weights are untrained; the gate biases are shifted so that about ``--active`` of the voxels keep each
 gated path, as a trained budget would. Prints the active voxels per stage, the towers' realised and full
 MACs, and the time of the backbone with the gated towers and with ungated ("Fixed") towers of the same
-weights, which always compute every path.
+weights, which always compute every path: the two alternate in each of ``--repeats`` rounds, and the
+median and the min-max over the rounds are printed.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import statistics
-import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from sparsehead import DynamicTower, SpatialGate, collect_cost, import_spconv
+from sparsehead.benchmark.measure import timed
 from sparsehead.modeling.sparse_input import forward_sparse
 
 spconv = import_spconv()  # spconv.pytorch, imported without its deprecation warnings (or an error naming the extras)
@@ -146,14 +147,16 @@ def calibrate_gates(model: Backbone, x: spconv.SparseConvTensor, active: float) 
                 gate.conv.bias.sub_(shift)
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def _time_interleaved(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each call in ``repeats`` rounds, the calls alternating within a round (after one warm-up
+    call each), so that the machine's drift over the run reaches every call alike."""
+    for fn in calls.values():
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {key: [] for key in calls}
+    for _ in range(repeats):
+        for key, fn in calls.items():
+            times[key].append(timed(fn, torch.device("cpu")) / 1e3)
+    return times
 
 
 def run(seed: int = 0, small: bool = False, active: float = 0.3, routers: int = 2, repeats: int = 3) -> dict:
@@ -190,11 +193,13 @@ def run(seed: int = 0, small: bool = False, active: float = 0.3, routers: int = 
                 model(x)
         return call
 
-    t_gated = _time(forward(gated), repeats)
-    t_fixed = _time(forward(fixed), repeats)
-    report.update(time_gated=t_gated, time_fixed=t_fixed)
-    print(f"backbone time (median of {repeats}): gated towers {1e3 * t_gated:.0f} ms, "
-          f"ungated towers {1e3 * t_fixed:.0f} ms")
+    times = _time_interleaved({"gated": forward(gated), "fixed": forward(fixed)}, repeats)
+    for key, ts in times.items():
+        report.update({f"time_{key}": statistics.median(ts), f"time_{key}_min": min(ts), f"time_{key}_max": max(ts)})
+    print(f"backbone time (median of {repeats} interleaved rounds, min-max): gated towers "
+          f"{1e3 * report['time_gated']:.0f} ms ({1e3 * report['time_gated_min']:.0f}-"
+          f"{1e3 * report['time_gated_max']:.0f}), ungated towers {1e3 * report['time_fixed']:.0f} ms "
+          f"({1e3 * report['time_fixed_min']:.0f}-{1e3 * report['time_fixed_max']:.0f})")
     return report
 
 
@@ -204,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--small", action="store_true", help="a small, sparse scene (a few seconds)")
     parser.add_argument("--active", type=float, default=0.3, help="fraction of voxels each depth gate keeps")
     parser.add_argument("--routers", type=int, default=2, help="routers per tower")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (each times both variants)")
     args = parser.parse_args(argv)
     if not 0.0 < args.active <= 1.0:
         parser.error(f"--active must lie in (0, 1], got {args.active}")

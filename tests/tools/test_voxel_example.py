@@ -21,7 +21,7 @@ def _module():
 
 
 def test_small_scene_figures_are_consistent(capsys):
-    report = _module().main(["--small", "--seed", "1", "--repeats", "1", "--active", "0.2"])
+    report = _module().main(["--small", "--seed", "1", "--repeats", "2", "--active", "0.2"])
     out = capsys.readouterr().out
     assert report["points"] > 0
     assert len(report["stages"]) == 3 and all(s["voxels"] > 0 for s in report["stages"])
@@ -33,11 +33,16 @@ def test_small_scene_figures_are_consistent(capsys):
         assert all(0 < r <= 1 for r in tower["router_ratios"])
     # Depth-gated voxels are a strict subset: something is skipped at --active 0.2.
     assert any(t["realized_macs"] < t["full_macs"] for t in report["towers"])
-    assert report["time_gated"] > 0 and report["time_fixed"] > 0
+    for key in ("gated", "fixed"):
+        assert 0 < report[f"time_{key}_min"] <= report[f"time_{key}"] <= report[f"time_{key}_max"]
     # The printed figures are the returned ones.
     printed = [int(v) for v in re.findall(r"stage \d+:\s+(\d+) voxels", out)]
     assert printed == [s["voxels"] for s in report["stages"]]
     assert len(re.findall(r"realised\s+[\d.]+ M MACs of\s+[\d.]+ M full", out)) == 2
+    timing = re.search(r"median of 2 interleaved rounds.*gated towers (\d+) ms \(\d+-\d+\), "
+                       r"ungated towers (\d+) ms \(\d+-\d+\)", out)
+    assert timing and int(timing[1]) == round(1e3 * report["time_gated"])
+    assert int(timing[2]) == round(1e3 * report["time_fixed"])
 
 
 def test_same_seed_same_scene():
