@@ -20,6 +20,7 @@ then identical are trained once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import io
@@ -28,9 +29,11 @@ import json
 import math
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +53,7 @@ __all__ = [
     "UNUSED_HEAD_KEYS",
     "SweepError",
     "SweepRun",
+    "Terminated",
     "aggregate",
     "collect_rows",
     "main",
@@ -410,6 +414,31 @@ def _print(message: str) -> None:
     print(message, flush=True)  # progress shows up at once when the output goes to a file
 
 
+class Terminated(KeyboardInterrupt):
+    """A sweep stopped by a signal other than Ctrl-C's (``signum``)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _sigterm_raises_interrupt():
+    """Within the block SIGTERM raises :class:`Terminated` (in the main thread; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_sweep(
     runs: Sequence[SweepRun],
     jobs: int = 1,
@@ -422,7 +451,10 @@ def run_sweep(
     A finished run is not started again; a run with a ``checkpoint.pth`` is continued with ``--resume``;
     any other is started afresh. ``command(run, resume)`` gives the child's argv (default
     :func:`train_command`); its output is appended to ``<run dir>/sweep_run.log``. A failed run does not stop
-    the others. On KeyboardInterrupt the children are terminated (their checkpoints stay) and it re-raises.
+    the others. On KeyboardInterrupt, or SIGTERM (``kill``, a job scheduler's stop; when called from the main
+    thread), the children are terminated (a training run writes its checkpoint first), so that none goes on
+    unwatched in a folder the next sweep will use, and KeyboardInterrupt (:class:`Terminated` for SIGTERM)
+    is raised.
     """
     if jobs < 1:
         raise SweepError(f"--jobs must be >= 1, got {jobs}")
@@ -448,23 +480,24 @@ def run_sweep(
                 f"last lines of {run.out_dir / RUN_LOG}:\n{_tail(run.out_dir / RUN_LOG)}")
 
     try:
-        while pending or running:
-            while pending and len(running) < jobs:
-                run = pending.pop(0)
-                resume = states[run.name] == "resume"
-                argv = command(run, resume)
-                run.out_dir.mkdir(parents=True, exist_ok=True)
-                logf = open(run.out_dir / RUN_LOG, "ab")
-                logf.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
-                logf.flush()
-                started += 1
-                log(f"[{started}/{total}] {'resume' if resume else 'start '} {run.name}")
-                proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=_child_env(run))
-                running.append((proc, run, time.perf_counter(), logf, argv))
-            time.sleep(poll_s)
-            for item in [it for it in running if it[0].poll() is not None]:
-                running.remove(item)
-                finish(*item)
+        with _sigterm_raises_interrupt():
+            while pending or running:
+                while pending and len(running) < jobs:
+                    run = pending.pop(0)
+                    resume = states[run.name] == "resume"
+                    argv = command(run, resume)
+                    run.out_dir.mkdir(parents=True, exist_ok=True)
+                    logf = open(run.out_dir / RUN_LOG, "ab")
+                    logf.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
+                    logf.flush()
+                    started += 1
+                    log(f"[{started}/{total}] {'resume' if resume else 'start '} {run.name}")
+                    proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=_child_env(run))
+                    running.append((proc, run, time.perf_counter(), logf, argv))
+                time.sleep(poll_s)
+                for item in [it for it in running if it[0].poll() is not None]:
+                    running.remove(item)
+                    finish(*item)
     except BaseException:
         for item in running:
             item[0].terminate()
@@ -751,11 +784,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return 2
         try:
             status = run_sweep(runs, a.jobs)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             print("interrupted; run the same command again to continue", file=sys.stderr)
             rows = collect_rows(runs)
             write_outputs(a.out, rows, plot=not a.no_plot, title=Path(a.config).name)
-            return 130
+            return 128 + getattr(e, "signum", signal.SIGINT)
     rows = collect_rows(runs, status)
     print(format_points(aggregate(rows)))
     for path in write_outputs(a.out, rows, plot=not a.no_plot, title=Path(a.config).name):

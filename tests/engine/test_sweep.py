@@ -294,6 +294,57 @@ def test_interrupt_terminates_the_runs_and_keeps_their_time(tmp_path):
         assert run_state(run) == "new"
 
 
+SWEEP_UNDER_SIGTERM = """
+import json, sys
+from pathlib import Path
+from sparsehead.engine.sweep import Terminated, plan_sweep, run_sweep
+out = Path(sys.argv[2])
+child = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
+runs = plan_sweep(sys.argv[1], {"model.head.budget_weight": ["0", "0.5"]}, out / "sweep")
+try:
+    run_sweep(runs, jobs=2, command=lambda run, resume: [sys.executable, "-c", child, str(run.out_dir / "pid")],
+              log=lambda m: None, poll_s=0.01)
+except Terminated as e:
+    sys.exit(100 + e.signum)
+"""
+
+
+def test_sigterm_stops_the_sweep_and_its_runs(tmp_path):
+    """A sweep stopped with SIGTERM (kill, a job scheduler) terminates its running children and says so, instead
+    of dying alone and leaving them training unwatched in the folders the next sweep will use."""
+    import subprocess
+    import time
+
+    script = tmp_path / "sweep_under_sigterm.py"
+    script.write_text(SWEEP_UNDER_SIGTERM)
+    parent = subprocess.Popen([sys.executable, str(script), DEMO, str(tmp_path)])
+    children: list = []
+    try:
+        pid_files = sorted((tmp_path / "sweep").rglob("pid"))
+        deadline = time.monotonic() + 60
+        while len(pid_files) < 2 or not all(p.read_text() for p in pid_files):
+            assert time.monotonic() < deadline and parent.poll() is None, "the sweep did not start its two runs"
+            time.sleep(0.05)
+            pid_files = sorted((tmp_path / "sweep").rglob("pid"))
+        children = [int(p.read_text()) for p in pid_files]
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=60) == 100 + signal.SIGTERM
+        for pid in children:  # reaped by the sweep: no such process any more
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        for run_dir in (p.parent for p in pid_files):
+            rec = json.loads((run_dir / sweep.RUN_RECORD).read_text())
+            assert rec["attempts"] == 1 and rec["last_returncode"] == -signal.SIGTERM
+    finally:  # nothing of a failed check outlives the test
+        parent.kill()
+        parent.wait()
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_aggregate_single_seed_has_no_spread():
     rows = [{"point": "a", "seed": 0, "status": "done", "head": "dynamic", "depth": 2, "budget_weight": 0.1,
              "overrides": "", "run_dir": "", "attempts": 1, "run_time_s": 3.0, "train_loop_s": 2.0,
