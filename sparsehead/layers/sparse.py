@@ -160,14 +160,23 @@ def _onednn_linear():
         return None
 
 
+def _onednn_bf16() -> bool:
+    """Whether oneDNN has a bfloat16 GEMM on this CPU (it needs AVX-512 or newer; on AVX2 it has none)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 _ONEDNN_LINEAR = _onednn_linear()
-# Dtypes oneDNN's CPU GEMM takes; others (float64) use torch.mm.
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+# Dtypes oneDNN's CPU GEMM takes on this CPU; others (float64, bfloat16 without a oneDNN kernel) use torch.mm.
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if _onednn_bf16() else (torch.float32,)
 
 
 def uses_onednn(x: torch.Tensor) -> bool:
     """Whether the GEMMs over rows ``x`` (:func:`matmul_rows`, :func:`gather_conv`'s forward) run on oneDNN
-    (eager, CPU, float32 or bfloat16, ``torch.backends.mkldnn.enabled``) rather than ``torch.mm`` (BLAS, or
+    (eager, CPU, float32, or bfloat16 where oneDNN has a bfloat16 GEMM for the CPU,
+    ``torch.backends.mkldnn.enabled``) rather than ``torch.mm`` (BLAS, or
     cuBLAS; under ``torch.compile`` the compiler picks the GEMM). oneDNN's GEMM is the one torch's CPU
     convolutions run on; BLAS is slower on some CPUs."""
     return (
