@@ -37,7 +37,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -423,20 +423,29 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _sigterm_raises_interrupt():
-    """Within the block SIGTERM raises :class:`Terminated` (in the main thread; elsewhere nothing changes)."""
+def _stop_signals() -> Iterator[Callable[[], None]]:
+    """Within the block SIGINT and SIGTERM are noted where they arrive, and the ``check()`` it yields raises
+    KeyboardInterrupt (SIGINT) or :class:`Terminated` (SIGTERM) at the caller's chosen points: an exception
+    raised where a signal lands could leave a child's ``Popen`` lock held (inside ``poll()``), and waiting
+    for that child would then never return. Outside the main thread nothing changes."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield lambda: None
         return
+    received: List[int] = []
 
-    def interrupt(signum: int, frame: Any) -> None:
-        raise Terminated(signum)
+    def note(signum: int, frame: Any) -> None:
+        received.append(signum)
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    def check() -> None:
+        if received:
+            raise KeyboardInterrupt if received[0] == signal.SIGINT else Terminated(received[0])
+
+    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield check
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def run_sweep(
@@ -480,7 +489,7 @@ def run_sweep(
                 f"last lines of {run.out_dir / RUN_LOG}:\n{_tail(run.out_dir / RUN_LOG)}")
 
     try:
-        with _sigterm_raises_interrupt():
+        with _stop_signals() as check:
             while pending or running:
                 while pending and len(running) < jobs:
                     run = pending.pop(0)
@@ -495,9 +504,11 @@ def run_sweep(
                     proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=_child_env(run))
                     running.append((proc, run, time.perf_counter(), logf, argv))
                 time.sleep(poll_s)
+                check()
                 for item in [it for it in running if it[0].poll() is not None]:
                     running.remove(item)
                     finish(*item)
+                check()
     except BaseException:
         for item in running:
             item[0].terminate()
