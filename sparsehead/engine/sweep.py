@@ -491,6 +491,7 @@ def run_sweep(
     try:
         with _stop_signals() as check:
             while pending or running:
+                check()  # a stop signal since the last round: no new run is started
                 while pending and len(running) < jobs:
                     run = pending.pop(0)
                     resume = states[run.name] == "resume"
@@ -504,11 +505,9 @@ def run_sweep(
                     proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=_child_env(run))
                     running.append((proc, run, time.perf_counter(), logf, argv))
                 time.sleep(poll_s)
-                check()
                 for item in [it for it in running if it[0].poll() is not None]:
                     running.remove(item)
                     finish(*item)
-                check()
     except BaseException:
         for item in running:
             item[0].terminate()

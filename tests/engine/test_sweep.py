@@ -6,7 +6,9 @@ import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -312,9 +314,6 @@ except Terminated as e:
 def test_sigterm_stops_the_sweep_and_its_runs(tmp_path):
     """A sweep stopped with SIGTERM (kill, a job scheduler) terminates its running children and says so, instead
     of dying alone and leaving them training unwatched in the folders the next sweep will use."""
-    import subprocess
-    import time
-
     script = tmp_path / "sweep_under_sigterm.py"
     script.write_text(SWEEP_UNDER_SIGTERM)
     parent = subprocess.Popen([sys.executable, str(script), DEMO, str(tmp_path)])
