@@ -225,7 +225,8 @@ def rows_taps(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """:func:`conv_taps` of pixel rows (R, C): (R, G · 3^ndim)."""
     groups, c = weight.shape[:2]
     taps = weight[0, 0].numel()
-    return matmul_rows(rows, weight.reshape(groups, c, taps).transpose(0, 1).reshape(c, groups * taps))
+    # (G · 3^ndim, C) contiguous, so that the product's right factor is its transpose, a view
+    return matmul_rows(rows, weight.reshape(groups, c, taps).transpose(1, 2).reshape(groups * taps, c).t())
 
 
 def sum_taps(taps: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

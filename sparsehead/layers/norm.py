@@ -11,6 +11,8 @@ sparse engine), :func:`group_norm_maps` on the maps of one level (dense kernels)
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -69,18 +71,33 @@ def _group_norm_rows_inference(
     weight: torch.Tensor, bias: torch.Tensor, eps: float, overwrite: bool,
 ) -> torch.Tensor:
     """:func:`group_norm_rows` without autograd: the rows (M, C) are centred in place by one ``addmm_`` with
-    the per-segment means spread over their channels, their squares' buffer then takes the per-row scales."""
+    the per-segment means spread over their channels, their squares' buffer then takes the per-row scales.
+    Group means are matrix products too: a segment's channel sums times :func:`_group_average`."""
     c = rows.shape[1]
-    s, size = segments.shape[1], c // groups
     x = rows if overwrite and rows.is_contiguous() else rows.clone(memory_format=torch.contiguous_format)
-    average = (stats / count.view(1, s)).t()  # (S, M): segment means as one product
-    mean = (average @ x).view(s, groups, size).mean(dim=2, keepdim=True)  # (S, G, 1)
-    x.addmm_(segments, mean.expand(s, groups, size).reshape(s, c), alpha=-1.0)  # centred
+    average = (stats / count.view(1, -1)).t()  # (S, M): segment means as one product
+    spread = None if groups == c else _group_average(groups, c, x.dtype, x.device)
+
+    def group_mean(values: torch.Tensor) -> torch.Tensor:  # (S, C): each channel's group mean per segment
+        means = average @ values
+        return means if spread is None else means @ spread
+
+    x.addmm_(segments, group_mean(x), alpha=-1.0)  # centred
     buf = x.square()
-    var = (average @ buf).view(s, groups, size).mean(dim=2, keepdim=True)  # (S, G, 1)
-    scale = (var.add_(eps).rsqrt_() * weight.view(-1, groups, size)).view(-1, c)  # (S, C)
-    x.mul_(torch.mm(segments, scale, out=buf))
-    return x.addmm_(segments, bias) if bias.dim() == 2 else x.add_(bias)
+    scale = group_mean(buf).add_(eps).rsqrt_().mul_(weight)  # (S, C)
+    scale = torch.mm(segments, scale, out=buf)  # (M, C): each row's scale
+    if bias.dim() == 2:
+        return x.mul_(scale).addmm_(segments, bias)
+    return torch.addcmul(bias, x, scale, out=x)
+
+
+@functools.lru_cache(maxsize=32)
+def _group_average(groups: int, channels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(C, C) block-diagonal matrix: ``values @ it`` replaces each channel of rows (M, C) by the mean of its
+    group of ``channels // groups`` channels."""
+    size = channels // groups
+    block = torch.full((size, size), 1.0 / size, dtype=dtype, device=device)
+    return torch.block_diag(*[block] * groups)
 
 
 def group_norm_maps(

@@ -147,8 +147,7 @@ class SiteLayout:
 
     def neighbour_max(self, values: torch.Tensor) -> torch.Tensor:
         """Max of ``values`` (R, G) >= 0 over each row's 3^ndim neighbours (0 where missing): (R, G)."""
-        padded = torch.cat([values, values.new_zeros(1, values.shape[1])])
-        return padded[self.neighbours].amax(dim=1)
+        return F.pad(values, (0, 0, 0, 1))[self.neighbours].amax(dim=1)
 
     def onehot(self, dtype: torch.dtype, sites_only: bool = False) -> torch.Tensor:
         """(R, S) ``dtype``: each row's segment, one-hot (cached); ``sites_only``: zero rows off the sites.

@@ -270,4 +270,5 @@ def depthwise_rows(features: torch.Tensor, weight: torch.Tensor, table: torch.Te
     m, k = table.shape
     c = features.shape[1]
     cols = features.index_select(0, table.reshape(-1)).view(m, k, c)
-    return (cols * weight.reshape(c, k).t()).sum(dim=1)
+    # the taps' weights (K, C) contiguous: a broadcast over a transposed view runs at a fraction of the speed
+    return (cols * weight.reshape(c, k).t().contiguous()).sum(dim=1)

@@ -539,7 +539,7 @@ class Router(nn.Module):
         h = conv_rows(depth.conv1, s, o, "exact")
         h = F.relu(depth.norm1.forward_rows(h, onehot.index_select(0, o), overwrite=True),
                    inplace=not torch.is_grad_enabled())
-        h = torch.cat([h, h.new_zeros(1, h.shape[1])])  # the row a missing neighbour reads
+        h = F.pad(h, (0, 0, 0, 1))  # the row a missing neighbour reads
         position = torch.full((lay.rows + 1,), n_outer, dtype=torch.int64, device=o.device)
         position.index_copy_(0, o, lay.arange(0, lay.num_levels)[:n_outer])
         h = gather_conv(h, depth.conv2.weight, position[lay.neighbours.index_select(0, d)])
@@ -600,7 +600,7 @@ class Router(nn.Module):
             weight = conv.dense_weight()
             return torch.cat([to_rows(f(lay.level(rows, lvl), weight, padding=1)) for lvl in range(lay.num_levels)])
         if rows.shape[0] == lay.rows:
-            rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])  # the row a missing neighbour reads
+            rows = F.pad(rows, (0, 0, 0, 1))  # the row a missing neighbour reads
         return gather_conv(rows, conv.weight, lay.neighbours)
 
     # -------------------------------------------------------------------------------------------- cost
@@ -615,17 +615,18 @@ class Router(nn.Module):
         realised = [] if raw is None else list((raw > 0).any(dim=2, keepdim=True))
         realised += [outer[:, None], inner[:, None]]
         terms = torch.cat(soft + realised, dim=1).float()  # (R, 2 · paths): per-pixel gate and on/off
-        weights, (gates, full, paper_full) = self._cost_weights(lay, [(a, b) for _, a, b, _ in units])
-        per_image = torch.einsum("lnk,lkc->nc", lay.per_level_image(terms), weights)  # (N, 4)
+        weights, (offset, full, paper_full) = self._cost_weights(lay, [(a, b) for _, a, b, _ in units])
+        sums = lay.per_level_image(terms).transpose(0, 1).reshape(lay.batch, -1)  # (N, L · 2 · paths)
+        per_image = torch.addmm(offset, sums, weights)  # (N, 4), the gate convs' MACs in the first two
         paper = Cost(per_image[:, 2], per_image[:, 3].detach(), paper_full)
-        return Cost(per_image[:, 0] + gates, per_image[:, 1].detach() + gates, full, paper)
+        return Cost(per_image[:, 0], per_image[:, 1].detach(), full, paper)
 
     def _cost_weights(self, lay: SiteLayout, ranges: list[tuple[int, int]]
                       ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """MACs per pixel of each path on each level, as (L, 2 · paths, 4) weights from per-level sums of
-        (gates, on/off) to (soft, realised, paper soft, paper realised); and the MACs per image (N,) that do
-        not depend on the gates: the gate convs (every site of their levels), the full cost (gate convs
-        included) and the paper's full cost. Cached per layout."""
+        """MACs per pixel of each path on each level, as (L · 2 · paths, 4) weights from per-level sums of
+        (gates, on/off) to (soft, realised, paper soft, paper realised); and the MACs per image that do not
+        depend on the gates: (N, 4) the gate convs' (every site of their levels) in the soft and realised
+        columns, (N,) the full cost (gate convs included) and (N,) the paper's full cost. Cached per layout."""
         conv1, conv2 = self.depth.unit_costs()
         ours = [u.macs_per_pixel() for u in (self.down, self.up)][: len(ranges)] + [conv1, conv2]
         paper = [19 * self.channels] * len(ranges) + [conv1, conv2]  # the reference: 9·C twice plus the norm
@@ -645,6 +646,7 @@ class Router(nn.Module):
                     full[a:b, 2] += gate
             totals = torch.einsum("ln,lc->nc", lay.sites_per_level_image(), full.to(lay.device))  # (N, 3)
             gates = totals[:, 2]
-            return weights.to(lay.device), (gates, totals[:, 0] + gates, totals[:, 1])
+            offset = torch.stack([gates, gates, torch.zeros_like(gates), torch.zeros_like(gates)], dim=1)
+            return weights.flatten(0, 1).to(lay.device), (offset, totals[:, 0] + gates, totals[:, 1])
 
         return lay.cached(key, build)
