@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ..utils.allocator import ALLOCATOR_MODES
 from .compiling import check_backend
 from .crossover import CrossoverError, load_crossover
 from .settings import (
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds per module before its first point")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--cpu-allocator", choices=ALLOCATOR_MODES, default="tuned",
+                   help="tuned: glibc's malloc keeps freed blocks in the process, as tcmalloc does, for every "
+                        "execution alike; system: as the process started (default: tuned)")
     p.add_argument("--auto-threshold", type=float, default=None,
                    help="threshold for auto mode (default: from --crossover or the crossover file shipped "
                         "for the device type)")
@@ -163,7 +167,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[Settings, argparse
     s = Settings(
         workloads=workloads, patterns=patterns, densities=densities, random_densities=random_densities,
         routers=routers, batches=batches, channels=a.channels, image=(image[0], image[1]), archs=archs,
-        repeats=repeats, warmup=a.warmup, device=dev, threads=a.threads, auto_threshold=threshold,
+        repeats=repeats, warmup=a.warmup, device=dev, threads=a.threads, cpu_allocator=a.cpu_allocator,
+        auto_threshold=threshold,
         rulebook=a.rulebook, config=a.config, weights=a.weights, overrides=a.overrides, compile=compile_level,
         compile_backend=a.compile_backend, seed=a.seed, profile=not a.no_profile, memory=not a.no_memory,
         count=not a.no_count, progress=not a.no_progress,

@@ -16,6 +16,8 @@ import psutil
 import torch
 from torch import nn
 
+from ..utils.allocator import loaded_allocator
+
 __all__ = ["STAGES", "sync", "timed", "peak_memory_mb", "profile_stages", "ModuleTimer", "finite", "cpu_name"]
 
 # Profiler labels inside the model → stage names in the rows.
@@ -98,12 +100,28 @@ class _MallInfo2(ctypes.Structure):
 
 
 def _heap_reader() -> Optional[Callable[[], int]]:
-    """Bytes the C heap has handed out and not taken back (glibc ``mallinfo2``: ``uordblks + hblkhd``, the
-    CPU counterpart of ``torch.cuda.memory_allocated``), or None where glibc's ``mallinfo2`` is missing."""
+    """Bytes the C heap has handed out and not taken back (the CPU counterpart of
+    ``torch.cuda.memory_allocated``): glibc's ``mallinfo2`` (``uordblks + hblkhd``), or under a preloaded
+    tcmalloc its ``generic.current_allocated_bytes``; None for other allocators or without these calls."""
+    allocator = loaded_allocator()
     try:
-        info = ctypes.CDLL(None).mallinfo2
+        if allocator == "tcmalloc":
+            prop = ctypes.CDLL(None).MallocExtension_GetNumericProperty
+        elif allocator == "glibc":
+            info = ctypes.CDLL(None).mallinfo2
+        else:
+            return None
     except (AttributeError, OSError):
         return None
+    if allocator == "tcmalloc":
+        prop.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_size_t)]
+        value = ctypes.c_size_t()
+
+        def read_tcmalloc() -> int:
+            prop(b"generic.current_allocated_bytes", ctypes.byref(value))
+            return value.value
+
+        return read_tcmalloc
     info.restype = _MallInfo2
 
     def read() -> int:
@@ -116,10 +134,10 @@ def _heap_reader() -> Optional[Callable[[], int]]:
 def peak_memory_mb(fn: Callable[[], Any], device: torch.device, interval: float = 0.0005) -> float:
     """Peak memory allocated during ``fn()`` above what was allocated before it, in MiB.
 
-    CUDA: ``max_memory_allocated`` (exact). CPU: the C heap's bytes in use (glibc ``mallinfo2``), sampled
-    every ``interval`` seconds by a thread, a lower bound of the true peak; memory the allocator keeps after
-    a free does not count, as on CUDA. Without glibc: the process's RSS, sampled the same way after
-    returning freed heap to the OS.
+    CUDA: ``max_memory_allocated`` (exact). CPU: the C heap's bytes in use (glibc's ``mallinfo2``, or a
+    preloaded tcmalloc's count), sampled every ``interval`` seconds by a thread, a lower bound of the true
+    peak; memory the allocator keeps after a free does not count, as on CUDA. Under another allocator: the
+    process's RSS, sampled the same way after returning freed heap to the OS.
     """
     if device.type == "cuda":
         sync(device)

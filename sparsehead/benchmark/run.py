@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..modeling.router import DepthPath, default_rulebook
+from ..utils.allocator import tune_allocator
 from .cli import parse_args
 from .compiling import compile_limits, graph_breaks, graphs_compiled, max_abs_diff, warm_compiled
 from .conv import ConvPair
@@ -259,6 +260,7 @@ def run_benchmark(s: Settings, log: Callable[[str], None] = print) -> list[dict[
     device = torch.device(s.device)
     if s.threads:
         torch.set_num_threads(s.threads)
+    allocator = tune_allocator(s.cpu_allocator)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -266,8 +268,8 @@ def run_benchmark(s: Settings, log: Callable[[str], None] = print) -> list[dict[
     threads = torch.get_num_threads()
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     total = sum(_point_count(s, w, p) for w in s.workloads for p in s.patterns)
-    log(f"device {device} ({dev_name}), torch threads {threads}, auto threshold {threshold}, "
-        f"compile {s.compile} ({s.compile_backend}), {total} points")
+    log(f"device {device} ({dev_name}), torch threads {threads}, CPU allocator: {allocator}, auto threshold "
+        f"{threshold}, compile {s.compile} ({s.compile_backend}), {total} points")
     fractions, source = None, None
     if "levels" in s.patterns:
         fractions, source = checkpoint_level_fractions(s, device)
@@ -281,8 +283,8 @@ def run_benchmark(s: Settings, log: Callable[[str], None] = print) -> list[dict[
         for workload in s.workloads:
             for pattern in s.patterns:
                 for case in build_cases(s, workload, pattern, device):
-                    rows += _run_case(s, case, pattern, device, threshold, fractions, source, dev_name, threads,
-                                      bar)
+                    rows += _run_case(s, case, pattern, device, threshold, fractions, source,
+                                      (dev_name, threads, allocator), bar)
                     del case
                     if s.compile != "none":
                         torch._dynamo.reset()  # the next case compiles its own modules
@@ -291,7 +293,7 @@ def run_benchmark(s: Settings, log: Callable[[str], None] = print) -> list[dict[
 
 
 def _run_case(s: Settings, case: Case, pattern: str, device: torch.device, threshold: float,
-              fractions: Optional[list[float]], source: Optional[str], dev_name: str, threads: int, bar) -> list:
+              fractions: Optional[list[float]], source: Optional[str], machine: tuple[str, int, str], bar) -> list:
     """The rows of one case: pass 1 times every execution eagerly and the dense kinds compiled at every
     point; under ``--compile all`` pass 2, after a dynamo reset, times the compiled sparse and auto
     executions (dynamo would otherwise run a partial graph of one mode in place of another's graph)."""
@@ -329,7 +331,8 @@ def _run_case(s: Settings, case: Case, pattern: str, device: torch.device, thres
         head = {
             "workload": case.workload, "arch": case.arch, "pattern": pattern, "density": finite(density),
             "routers": case.routers, "batch": case.batch, "channels": case.channels,
-            "image": f"{case.image[0]}x{case.image[1]}", "device": dev_name, "threads": threads,
+            "image": f"{case.image[0]}x{case.image[1]}", "device": machine[0], "threads": machine[1],
+            "allocator": machine[2],
             "rulebook": s.rulebook or default_rulebook(device, torch.get_default_dtype()),
             "compile": s.compile, "compile_backend": s.compile_backend if compiled else None,
         }

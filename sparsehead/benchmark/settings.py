@@ -67,6 +67,7 @@ class Settings:
     warmup: int = 1
     device: str = "cpu"
     threads: Optional[int] = None
+    cpu_allocator: str = "tuned"
     auto_threshold: Optional[float] = None
     rulebook: Optional[str] = None  # DepthPath.rulebook: exact | submanifold; None: the device's default
     config: Optional[str] = None

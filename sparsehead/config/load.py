@@ -15,6 +15,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..utils.allocator import ALLOCATOR_MODES
 from .schema import Config
 
 __all__ = [
@@ -283,6 +284,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check(0.0 <= cfg.data.flip_prob <= 1.0, "data.flip_prob", "must be in [0, 1]")
     _check(cfg.device in _DEVICES, "device", f"{cfg.device!r} not in {_DEVICES}")
     _check(cfg.num_threads >= 0, "num_threads", "must be >= 0 (0 keeps torch's default)")
+    _check(cfg.cpu_allocator in ALLOCATOR_MODES, "cpu_allocator", f"{cfg.cpu_allocator!r} not in {ALLOCATOR_MODES}")
     _check(bool(cfg.output_dir), "output_dir", "must not be empty")
     syn = cfg.data.synthetic
     if syn.enabled:

@@ -143,6 +143,7 @@ class Config:
     output_dir: str = "output"
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int = 0  # CPU threads per process (torch.set_num_threads); 0 keeps torch's default
+    cpu_allocator: str = "tuned"  # tuned | system: glibc keeps freed blocks in the process (sparsehead.utils.allocator)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)

@@ -1,10 +1,12 @@
-"""Process-group helpers: initialisation from torchrun's environment, rank queries, gathers."""
+"""Process helpers: initialisation from torchrun's environment, rank queries, gathers, CPU settings."""
 
 import os
 from typing import Any, List, Tuple
 
 import torch
 import torch.distributed as dist
+
+from ..utils.allocator import tune_allocator
 
 __all__ = [
     "init_distributed",
@@ -16,14 +18,16 @@ __all__ = [
     "all_gather_object",
     "all_reduce_mean",
     "resolve_device",
-    "set_num_threads",
+    "configure_cpu",
 ]
 
 
-def set_num_threads(num_threads: int) -> None:
-    """``torch.set_num_threads`` when ``num_threads`` > 0."""
+def configure_cpu(num_threads: int, cpu_allocator: str) -> str:
+    """This process's CPU settings: ``torch.set_num_threads`` when ``num_threads`` > 0, and the C allocator
+    (:func:`~sparsehead.utils.allocator.tune_allocator`). Returns the allocator in words, for the log."""
     if num_threads > 0:
         torch.set_num_threads(num_threads)
+    return tune_allocator(cpu_allocator)
 
 
 def resolve_device(name: str) -> torch.device:

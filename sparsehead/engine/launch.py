@@ -13,7 +13,7 @@ from sparsehead.config import ConfigError, load_config
 
 from .checkpoint import atomic_write_json, load_trained_model
 from .data import build_test_loader
-from .distributed import destroy_distributed, init_distributed, resolve_device, set_num_threads
+from .distributed import configure_cpu, destroy_distributed, init_distributed, resolve_device
 from .evaluation import evaluate, format_summary
 from .logger import setup_logging
 from .trainer import RunError, Stopped, Trainer, build_datasets, prepare_data
@@ -72,7 +72,7 @@ def run_evaluation(cfg: DictConfig, weights: str) -> Dict[str, float]:
 
     if not Path(weights).is_file():
         raise FileNotFoundError(f"--weights file not found: {weights}")
-    set_num_threads(cfg.num_threads)
+    configure_cpu(cfg.num_threads, cfg.cpu_allocator)
     device = resolve_device(cfg.device)
     rank, world, device = init_distributed(device)
     out = Path(cfg.output_dir)

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from sparsehead.visualization import _class_names, find_images
 
     from .checkpoint import atomic_write_json, load_trained_model
-    from .distributed import resolve_device, set_num_threads
+    from .distributed import configure_cpu, resolve_device
 
     cfg = load_config(args.config, args.overrides)
     if not Path(args.weights).is_file():
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         ids, cat_ids, names = [f.name for f in files], [], []
 
-    set_num_threads(cfg.num_threads)
+    configure_cpu(cfg.num_threads, cfg.cpu_allocator)
     device = resolve_device(cfg.device)
     model = load_trained_model(cfg, args.weights).to(device).eval()
     num_classes = cfg.model.num_classes

@@ -39,9 +39,9 @@ from .distributed import (
     all_gather_object,
     all_reduce_mean,
     barrier,
+    configure_cpu,
     init_distributed,
     resolve_device,
-    set_num_threads,
 )
 from .evaluation import evaluate, format_summary, head_cost
 from .logger import setup_logging
@@ -65,7 +65,7 @@ TENSORBOARD = "tensorboard"  # TensorBoard event files, when logging.tensorboard
 # (Where the run and its data are is not a setting of the run: the folders may have moved.)
 RESUMABLE_KEYS = (
     "solver.max_iter", "solver.checkpoint_period", "solver.eval_period", "solver.log_period",
-    "data.num_workers", "num_threads", "test.ims_per_batch", "device", "output_dir",
+    "data.num_workers", "num_threads", "cpu_allocator", "test.ims_per_batch", "device", "output_dir",
     "data.train.ann_file", "data.train.img_dir", "data.val.ann_file", "data.val.img_dir", "data.synthetic.root",
 )
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -197,7 +197,7 @@ class Trainer:
     def __init__(self, cfg: DictConfig, resume: bool = False) -> None:
         self.cfg = cfg
         self.resume = resume
-        set_num_threads(cfg.num_threads)
+        self.allocator = configure_cpu(cfg.num_threads, cfg.cpu_allocator)
         self.out = Path(cfg.output_dir)
         self.device = resolve_device(cfg.device)
         self.rank, self.world_size, self.device = init_distributed(self.device)
@@ -304,7 +304,8 @@ class Trainer:
                 'logging.tensorboard=true needs the tensorboard package: pip install "sparsehead[tensorboard]" '
                 "(or tensorboard), or set logging.tensorboard=false"
             )
-        logger.info("Running on %s with %d process(es)", self.device, self.world_size)
+        logger.info("Running on %s with %d process(es); CPU allocator: %s", self.device, self.world_size,
+                    self.allocator)
 
         seed_all(cfg.seed)
         prepare_data(cfg, self.rank)

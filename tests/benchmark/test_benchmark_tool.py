@@ -25,6 +25,7 @@ from sparsehead.benchmark.crossover import (
 from sparsehead.benchmark.run import main, parse_args, pyramid_sizes
 from sparsehead.benchmark.settings import EXECUTIONS, WORKLOADS, Settings
 from sparsehead.benchmark.workloads import build_cases, keep_gates, level_fractions, levels_pattern
+from sparsehead.utils.allocator import tune_allocator
 
 REPO = Path(__file__).resolve().parents[2]
 KEYS = ("workload", "pattern", "density", "dense_ms", "sparse_ms", "auto_ms", "flops_ratio",
@@ -76,6 +77,7 @@ def _check_outputs(out: Path, workloads: set[str]) -> list[dict]:
         assert set(KEYS) <= set(r)
         assert r["workload"] in WORKLOADS and r["pattern"] in ("blob", "random", "model", "levels")
         assert 0.0 <= r["density"] <= 1.0
+        assert r["allocator"] == tune_allocator()  # every row says which allocator served the run
         assert 0.0 < r["flops_ratio"] <= 1.0 + 1e-6
         baselines = [e for e in ("fixed", "plain") if f"{e}_ms" in r]
         assert "fixed" in baselines or r["workload"] == "conv"
@@ -267,6 +269,7 @@ def test_find_crossover():
         (["--archs", "fcos,ssd"], "unknown --archs entry 'ssd'"),
         (["--patterns", "levels"], "'levels' pattern needs --config and --weights"),
         (["--compile", "some"], "invalid choice: 'some'"),
+        (["--cpu-allocator", "jemalloc"], "invalid choice: 'jemalloc'"),
         (["--compile-backend", "nope"], "unknown torch.compile backend 'nope'"),
     ],
 )

@@ -61,7 +61,8 @@ def test_wrong_type_is_named(base_yaml, override, key):
     [("model.head.kind=big", "model.head.kind"), ("model.head.execution=fast", "model.head.execution"),
      ("model.backbone.depth=101", "model.backbone.depth"), ("solver.max_iter=0", "solver.max_iter"),
      ("solver.steps=[8,4]", "solver.steps"), ("model.num_classes=0", "model.num_classes"),
-     ("num_threads=-1", "num_threads"), ("model.head.resample=nearest", "model.head.resample"),
+     ("num_threads=-1", "num_threads"), ("cpu_allocator=jemalloc", "cpu_allocator"),
+     ("model.head.resample=nearest", "model.head.resample"),
      ("model.head.budget_warmup=-5", "model.head.budget_warmup"), ("model.head.box_init=-1", "model.head.box_init")],
 )
 def test_bad_values_are_named(base_yaml, override, key):

@@ -20,6 +20,7 @@ from test_trainer import DEMO, Interrupted, KilledTrainer, read_log, tiny_cfg, t
 from sparsehead.engine.checkpoint import read_checkpoint
 from sparsehead.engine.launch import train_main
 from sparsehead.engine.trainer import RunError, Trainer
+from sparsehead.utils.allocator import tune_allocator
 
 pytestmark = pytest.mark.slow
 
@@ -71,6 +72,7 @@ def test_locked_output_dir_refused_then_stale_lock_and_temporaries_taken_over(da
     log = (out / "log.txt").read_text()
     assert f"locked by process {holder.pid}, which is gone" in log
     assert "removed 1 temporary file" in log and not tmp.exists()
+    assert f"CPU allocator: {tune_allocator(cfg.cpu_allocator)}" in log
     assert yaml.safe_load((out / "config.yaml").read_text())["model"]["num_classes"] == 3
     assert yaml.safe_load(read_checkpoint(out / "model_final.pth")["config"])["model"]["num_classes"] == 3
     assert (out / ".lock").read_text() == ""  # released: nobody holds it
