@@ -44,8 +44,10 @@ def test_tuned_glibc_keeps_freed_memory_mapped():
     system, tuned = _probe("system"), _probe("tuned")
     assert system["described"] == "glibc malloc, default settings"
     assert tuned["described"].startswith("glibc malloc, freed blocks kept")
-    assert system["faults"] > PAGES // 4  # glibc's default gives much of the freed memory back each round
-    assert tuned["faults"] * 3 < system["faults"]
+    assert system["faults"] > PAGES // 2  # glibc's default gives most of the freed memory back each round
+    # Tuned, most rounds map nothing again (one 12 MiB tensor's pages in three rounds); where the kernel
+    # places a round's blocks varies, up to 5 tensors' pages were seen, still under half of the default's.
+    assert tuned["faults"] * 2 < system["faults"]
 
 
 @glibc
