@@ -1,6 +1,7 @@
 """Gated dynamic blocks inside a small SECOND-style sparse 3D backbone, on a synthetic LiDAR scene.
 
     python tools/voxel_example.py [--seed 0] [--small] [--active 0.3] [--routers 2] [--repeats 3]
+                                  [--cpu-allocator tuned]
 
 Builds a scene (ground plane, boxes and cylinders; points on their surfaces, density falling with the
 range from a sensor at the origin), voxelises it (0.2 m voxels over 40 × 40 × 4 m, spconv's
@@ -12,7 +13,8 @@ The weights are untrained; the gate biases are shifted so that about ``--active`
 gated path, as a trained budget would. Prints the active voxels per stage, the towers' realised and full
 MACs, and the time of the backbone with the gated towers and with ungated ("Fixed") towers of the same
 weights, which always compute every path: the two alternate in each of ``--repeats`` rounds, and the
-median and the min-max over the rounds are printed.
+median and the min-max over the rounds are printed. The C allocator is set as the other tools set it
+(``--cpu-allocator``, :func:`sparsehead.utils.allocator.tune_allocator`) and named in the output.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from torch import nn
 from sparsehead import DynamicTower, SpatialGate, collect_cost, import_spconv
 from sparsehead.benchmark.measure import timed
 from sparsehead.modeling.sparse_input import forward_sparse
+from sparsehead.utils.allocator import ALLOCATOR_MODES, tune_allocator
 
 spconv = import_spconv()  # spconv.pytorch, imported without its deprecation warnings (or an error naming the extras)
 
@@ -159,8 +162,10 @@ def _time_interleaved(calls: dict[str, Callable[[], object]], repeats: int) -> d
     return times
 
 
-def run(seed: int = 0, small: bool = False, active: float = 0.3, routers: int = 2, repeats: int = 3) -> dict:
+def run(seed: int = 0, small: bool = False, active: float = 0.3, routers: int = 2, repeats: int = 3,
+        cpu_allocator: str = "tuned") -> dict:
     """Build, voxelise, run and measure; returns the printed figures as a dict."""
+    allocator = tune_allocator(cpu_allocator)
     torch.manual_seed(seed)
     points = make_scene(seed, small)
     x = voxelise(points)
@@ -171,7 +176,8 @@ def run(seed: int = 0, small: bool = False, active: float = 0.3, routers: int = 
 
     with torch.no_grad():
         _, stages = gated(x)
-    report: dict = {"points": len(points), "stages": [], "towers": []}
+    report: dict = {"points": len(points), "stages": [], "towers": [], "allocator": allocator}
+    print(f"CPU allocator: {allocator}")
     print(f"scene: {len(points)} points, grid {list(x.spatial_shape)} (z, y, x) of {VOXEL} m voxels")
     for i, s in enumerate(stages):
         n = s.indices.shape[0]
@@ -210,12 +216,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--active", type=float, default=0.3, help="fraction of voxels each depth gate keeps")
     parser.add_argument("--routers", type=int, default=2, help="routers per tower")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (each times both variants)")
+    parser.add_argument("--cpu-allocator", choices=ALLOCATOR_MODES, default="tuned",
+                        help="tuned: glibc's malloc keeps freed blocks in the process; system: as the process "
+                             "started (default: tuned)")
     args = parser.parse_args(argv)
     if not 0.0 < args.active <= 1.0:
         parser.error(f"--active must lie in (0, 1], got {args.active}")
     if args.routers < 1 or args.repeats < 1:
         parser.error("--routers and --repeats must be positive")
-    return run(args.seed, args.small, args.active, args.routers, args.repeats)
+    return run(args.seed, args.small, args.active, args.routers, args.repeats, args.cpu_allocator)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ def test_small_scene_figures_are_consistent(capsys):
     for key in ("gated", "fixed"):
         assert 0 < report[f"time_{key}_min"] <= report[f"time_{key}"] <= report[f"time_{key}_max"]
     # The printed figures are the returned ones.
+    assert report["allocator"] and f"CPU allocator: {report['allocator']}" in out
     printed = [int(v) for v in re.findall(r"stage \d+:\s+(\d+) voxels", out)]
     assert printed == [s["voxels"] for s in report["stages"]]
     assert len(re.findall(r"realised\s+[\d.]+ M MACs of\s+[\d.]+ M full", out)) == 2
@@ -52,10 +53,10 @@ def test_same_seed_same_scene():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args", [["--help"], ["--active", "0"]])
+@pytest.mark.parametrize("args", [["--help"], ["--active", "0"], ["--cpu-allocator", "jemalloc"]])
 def test_cli(args):
     res = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
     if args == ["--help"]:
         assert res.returncode == 0 and "--seed" in res.stdout and "--small" in res.stdout
     else:
-        assert res.returncode == 2 and "--active" in res.stderr
+        assert res.returncode == 2 and args[0] in res.stderr
