@@ -16,7 +16,7 @@ import psutil
 import torch
 from torch import nn
 
-from ..utils.allocator import loaded_allocator
+from ..utils.allocator import glibc_mallinfo, loaded_allocator
 
 __all__ = ["STAGES", "sync", "timed", "peak_memory_mb", "profile_stages", "ModuleTimer", "finite", "cpu_name"]
 
@@ -94,26 +94,26 @@ def _malloc_trim() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
 def _heap_reader() -> Optional[Callable[[], int]]:
     """Bytes the C heap has handed out and not taken back (the CPU counterpart of
     ``torch.cuda.memory_allocated``): glibc's ``mallinfo2`` (``uordblks + hblkhd``), or under a preloaded
     tcmalloc its ``generic.current_allocated_bytes``; None for other allocators or without these calls."""
     allocator = loaded_allocator()
-    try:
-        if allocator == "tcmalloc":
-            prop = ctypes.CDLL(None).MallocExtension_GetNumericProperty
-        elif allocator == "glibc":
-            info = ctypes.CDLL(None).mallinfo2
-        else:
+    if allocator == "glibc":
+        info = glibc_mallinfo()
+        if info is None:
             return None
-    except (AttributeError, OSError):
-        return None
+
+        def read() -> int:
+            m = info()
+            return m.uordblks + m.hblkhd
+
+        return read
     if allocator == "tcmalloc":
+        try:
+            prop = ctypes.CDLL(None).MallocExtension_GetNumericProperty
+        except (AttributeError, OSError):
+            return None
         prop.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_size_t)]
         value = ctypes.c_size_t()
 
@@ -122,13 +122,7 @@ def _heap_reader() -> Optional[Callable[[], int]]:
             return value.value
 
         return read_tcmalloc
-    info.restype = _MallInfo2
-
-    def read() -> int:
-        m = info()
-        return m.uordblks + m.hblkhd
-
-    return read
+    return None
 
 
 def peak_memory_mb(fn: Callable[[], Any], device: torch.device, interval: float = 0.0005) -> float:

@@ -21,8 +21,12 @@ import ctypes
 import os
 import platform
 from pathlib import Path
+from typing import Callable
 
-__all__ = ["ALLOCATOR_MODES", "MMAP_THRESHOLD", "TRIM_THRESHOLD", "loaded_allocator", "tune_allocator"]
+__all__ = [
+    "ALLOCATOR_MODES", "MMAP_THRESHOLD", "TRIM_THRESHOLD", "MallInfo2", "glibc_mallinfo", "loaded_allocator",
+    "tune_allocator",
+]
 
 ALLOCATOR_MODES = ("tuned", "system")
 MMAP_THRESHOLD = 32 << 20  # glibc's largest mmap threshold on 64-bit systems
@@ -33,6 +37,25 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _GLIBC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 _OTHERS = ("tcmalloc", "jemalloc", "mimalloc")
 _tuned = False
+
+
+class MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (malloc.h): the main arena's counters in bytes, among them ``hblkhd``
+    (blocks mapped for themselves), ``uordblks`` (in use from the heap) and ``fordblks`` (free in the heap)."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def glibc_mallinfo() -> Callable[[], MallInfo2] | None:
+    """glibc's ``mallinfo2`` (glibc 2.33 or newer), returning :class:`MallInfo2`; None where the C library
+    has no such function."""
+    try:
+        info = ctypes.CDLL(None).mallinfo2
+    except (AttributeError, OSError):
+        return None
+    info.restype = MallInfo2
+    return info
 
 
 def loaded_allocator() -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsehead.utils.allocator import tune_allocator
+from sparsehead.utils.allocator import glibc_mallinfo, tune_allocator
 
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 
@@ -18,21 +18,16 @@ glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's ma
 # four 12 MiB tensors at once and free them, and the page faults of each round (each fault is the kernel
 # mapping a page in again).
 PROBE = """
-import ctypes, json, resource, sys
+import json, resource, sys
 import torch
-from sparsehead.utils.allocator import tune_allocator
+from sparsehead.utils.allocator import glibc_mallinfo, tune_allocator
 described = tune_allocator(sys.argv[1])
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
-libc = ctypes.CDLL(None)
-libc.mallinfo2.restype = MallInfo2
-mapped = libc.mallinfo2().hblkhd
+mallinfo = glibc_mallinfo()
+mapped = mallinfo().hblkhd
 block = torch.ones(30 << 18)
-mapped = libc.mallinfo2().hblkhd - mapped
+mapped = mallinfo().hblkhd - mapped
 del block
-kept = libc.mallinfo2().fordblks
+kept = mallinfo().fordblks
 faults = []
 for _ in range(12):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -42,7 +37,7 @@ for _ in range(12):
 print(json.dumps({"described": described, "mapped": mapped >> 20, "kept": kept >> 20, "faults": faults}))
 """
 ROUND_PAGES = 48 << 20 >> 12
-mallinfo2 = pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="glibc >= 2.33 only")
+mallinfo2 = pytest.mark.skipif(glibc_mallinfo() is None, reason="glibc >= 2.33 only")
 
 
 def _probe(mode: str, **env: str) -> dict:
